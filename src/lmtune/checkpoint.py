@@ -1,0 +1,159 @@
+"""Save and load tuned models: PEFT-format adapters, or whole transformers directories.
+
+Every write goes to a temporary directory beside the target and is moved into place file by file
+with `os.replace`, `lmtune.json` last: a reader sees either the old file or the new one, and a run
+directory without `lmtune.json` is known to be incomplete. Only safetensors and JSON are read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from lmtune.errors import LmtuneError
+from lmtune.methods import get_method, method_for_peft_type, parse_method_config
+from lmtune.models import default_model_dir, load_model
+from lmtune.tuned import TunedModel
+
+PEFT_PREFIX = "base_model.model."
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+RUN_INFO = "lmtune.json"
+
+
+@contextmanager
+def atomic_dir(target: str | Path) -> Iterator[Path]:
+    """Yield a temp directory; on success its files replace those in `target`, `lmtune.json` last."""
+    target = Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target))
+    try:
+        yield tmp
+        names = sorted(os.listdir(tmp), key=lambda n: n == RUN_INFO)
+        for name in names:
+            dest = target / name
+            if dest.is_dir() and not dest.is_symlink():
+                shutil.rmtree(dest)
+            os.replace(tmp / name, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def adapter_state_dict(tuned: TunedModel) -> dict[str, torch.Tensor]:
+    """What an adapter checkpoint holds: the trainable parameters, under PEFT's key names."""
+    return {PEFT_PREFIX + name: p.detach().contiguous().cpu()
+            for name, p in tuned.model.named_parameters() if p.requires_grad}
+
+
+def _peft_config(tuned: TunedModel) -> dict:
+    spec = tuned.method
+    base = tuned.base_name if tuned.base_name is not None else str(default_model_dir())
+    fields = spec.to_peft(tuned.method_config, tuned.model) if spec.to_peft else {}
+    return {"peft_type": spec.peft_type, "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
+            "inference_mode": True, "revision": None, **fields}
+
+
+def save(tuned: TunedModel, directory: str | Path, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
+    """Write `tuned` to `directory`: a PEFT adapter pair, or a whole model for full / freeze."""
+    info = {"method": tuned.method_config.model_dump(mode="json"), "base_model": tuned.base_name}
+    with atomic_dir(directory) as tmp:
+        if tuned.method.saves_whole_model:
+            tuned.model.save_pretrained(tmp)
+        else:
+            save_file(adapter_state_dict(tuned), tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+            (tmp / ADAPTER_CONFIG).write_text(json.dumps(_peft_config(tuned), indent=2, sort_keys=True))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / RUN_INFO).write_text(json.dumps(info, indent=2))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise LmtuneError(f"{path}: cannot read ({err})") from None
+
+
+def load(directory: str | Path, base: str | None = None,
+         dtype: str = "float32") -> tuple[TunedModel, PreTrainedTokenizerBase]:
+    """Rebuild a tuned model from an lmtune run or a PEFT adapter directory (on `base` if given)."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise LmtuneError(f"run directory not found: {d}")
+    if (d / RUN_INFO).is_file():
+        info = _read_json(d / RUN_INFO)
+        config = parse_method_config(info.get("method"))
+        base = base if base is not None else info.get("base_model")
+    elif (d / ADAPTER_CONFIG).is_file():
+        peft = _read_json(d / ADAPTER_CONFIG)
+        spec = method_for_peft_type(str(peft.get("peft_type")))
+        config = parse_method_config(spec.from_peft(peft) if spec.from_peft else {"name": spec.name})
+        base = base if base is not None else peft.get("base_model_name_or_path")
+    elif (d / "config.json").is_file():
+        config, base = parse_method_config("full"), str(d)
+    else:
+        raise LmtuneError(f"{d} holds no lmtune run, PEFT adapter or transformers model")
+    spec = get_method(config.name)
+    if spec.saves_whole_model:
+        model, tokenizer = load_model(str(d), dtype=dtype)
+        spec.apply(model, config)
+        return TunedModel(model, spec, config, base_name=base), tokenizer
+    model, tokenizer = load_model(base, dtype=dtype)
+    if (d / "tokenizer_config.json").is_file():
+        tokenizer = load_model_tokenizer(d)
+    tuned = TunedModel(model, spec, config, base_name=base)
+    spec.apply(model, config)
+    load_adapter_weights(tuned, d / ADAPTER_WEIGHTS)
+    return tuned, tokenizer
+
+
+def load_model_tokenizer(directory: Path) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_adapter_weights(tuned: TunedModel, path: Path) -> None:
+    """Load PEFT-keyed weights into the trainable parameters; every key must fit exactly."""
+    try:
+        state = load_file(path)
+    except (OSError, SafetensorError) as err:
+        raise LmtuneError(f"{path}: cannot read adapter weights ({err})") from None
+    params = dict(tuned.model.named_parameters())
+    expected = {name for name, p in params.items() if p.requires_grad}
+    found = {key.removeprefix(PEFT_PREFIX) for key in state}
+    if found != expected:
+        missing, unexpected = sorted(expected - found), sorted(found - expected)
+        detail = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+        raise LmtuneError(f"{path}: adapter does not fit this base model ({detail}; "
+                          f"{len(missing)} missing, {len(unexpected)} unexpected keys)")
+    with torch.no_grad():
+        for key, value in state.items():
+            param = params[key.removeprefix(PEFT_PREFIX)]
+            if param.shape != value.shape:
+                raise LmtuneError(f"{path}: {key} has shape {tuple(value.shape)} but the base model needs "
+                                  f"{tuple(param.shape)}; was the adapter trained on a different model?")
+            param.copy_(value.to(param.dtype))
+
+
+def merge_to(directory: str | Path, out: str | Path) -> PreTrainedModel:
+    """Merge a run into its base weights and write a plain transformers model + tokenizer to `out`."""
+    tuned, tokenizer = load(directory)
+    merged = tuned.merge()
+    with atomic_dir(out) as tmp:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return merged

@@ -1,0 +1,105 @@
+"""The `lmtune` command: parse arguments, call the library, turn user errors into one line + exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from lmtune.errors import LmtuneError
+
+
+def _parser(argv: list[str]) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lmtune", description="Fine-tune Hugging Face causal LMs.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    epilog = None
+    if "train" in argv and ("-h" in argv or "--help" in argv):  # importing every method costs seconds
+        from lmtune.config import describe_keys
+
+        epilog = describe_keys()
+    t = sub.add_parser("train", help="train as a YAML config says", epilog=epilog,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Train a model. Example: lmtune train examples/quickstart.yaml train.lr=1e-4")
+    t.add_argument("config", nargs="?", help="YAML run config (optional when overrides give data.train)")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. method.r=16")
+    for name, help_text in (("generate", "answer one prompt"), ("chat", "talk with a model")):
+        g = sub.add_parser(name, help=help_text, description=f"{help_text.capitalize()} with a trained run "
+                           "or, with no RUN_DIR, a base model.")
+        g.add_argument("run_dir", nargs="?", help="a run / adapter directory from lmtune train or PEFT")
+        g.add_argument("--model", help="base model when no RUN_DIR is given (default: SmolLM2-135M-Instruct)")
+        if name == "generate":
+            g.add_argument("--prompt", required=True, help="the user message (chat template applied)")
+            g.add_argument("--raw", action="store_true", help="send the prompt as plain text, no chat template")
+        g.add_argument("--max-new-tokens", type=int, default=128 if name == "generate" else 256)
+        g.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
+    m = sub.add_parser("merge", help="fold LoRA into the base weights", description="Merge a run into its base "
+                       "weights and save a plain transformers model directory.")
+    m.add_argument("run_dir")
+    m.add_argument("--out", required=True, help="output directory for the merged model")
+    return p
+
+
+def _load_target(args: argparse.Namespace):
+    from lmtune.checkpoint import load
+    from lmtune.models import load_model
+    from lmtune.tuned import apply
+
+    if args.run_dir:
+        return load(args.run_dir)
+    model, tokenizer = load_model(args.model)
+    return apply(model, "full", base_name=args.model), tokenizer
+
+
+def _run(args: argparse.Namespace) -> None:
+    if args.command == "train":
+        from lmtune.config import load_config
+        from lmtune.train import run
+
+        summary = run(load_config(args.config, args.overrides))
+        print(f"done: {summary['steps']} steps, final loss {summary['loss']:.4f}"
+              + (f", eval loss {summary['eval_loss']:.4f}" if "eval_loss" in summary else ""))
+    elif args.command in ("generate", "chat"):
+        from lmtune.inference import chat, generate
+
+        tuned, tokenizer = _load_target(args)
+        if args.command == "generate":
+            print(generate(tuned, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.raw))
+        elif not tokenizer.chat_template:
+            raise LmtuneError("this model's tokenizer has no chat template; use lmtune generate --raw instead")
+        else:
+            chat(tuned, tokenizer, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    elif args.command == "merge":
+        from lmtune.checkpoint import merge_to
+
+        merge_to(args.run_dir, args.out)
+        print(f"merged model written to {args.out}")
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.basicConfig(level=logging.INFO, format="lmtune: %(message)s")
+    logging.getLogger("lmtune").setLevel(logging.INFO)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parser(argv).parse_args(argv)
+    try:
+        _quiet_libraries()
+        _run(args)
+    except LmtuneError as err:
+        print(f"lmtune: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lmtune: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""One typed run configuration: YAML + dotted overrides -> `RunConfig`, validated strictly.
+
+The attribute docstrings below are the only documentation of each key; `lmtune train --help`
+prints them. Method options live in each method's own config class (see `methods/`).
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from lmtune.errors import LmtuneError
+
+
+class Strict(BaseModel):
+    """Base for every config section: unknown keys are errors, docstrings become help."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class ModelConfig(Strict):
+    name: str | None = None
+    """Local transformers directory, GGUF file, or hub id; empty means the packaged SmolLM2-135M-Instruct."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype the base weights are loaded in."""
+    trust_remote_code: bool = False
+    """Run model code shipped with a checkpoint. Off unless you trust its author."""
+
+
+class DataConfig(Strict):
+    train: str
+    """Training file (.jsonl, .json, .csv or .parquet) of messages or prompt/completion records."""
+    eval: str | None = None
+    """Evaluation file in the same format; when empty, `eval_split` of `train` is held out."""
+    eval_split: float = 0.0
+    """Fraction of the training records held out for evaluation when no `eval` file is given."""
+    max_length: int = 1024
+    """Tokens per example; longer examples are cut from the right and counted."""
+    prompt_format: Literal["auto", "chat", "plain"] = "auto"
+    """How prompt/completion records become text: the tokenizer's chat template (`chat`), plain
+    concatenation (`plain`), or `auto` (chat when the tokenizer has a template)."""
+
+    @field_validator("eval_split")
+    @classmethod
+    def _split_in_range(cls, v: float) -> float:
+        if not 0.0 <= v < 1.0:
+            raise ValueError("must be in [0, 1)")
+        return v
+
+    @field_validator("max_length")
+    @classmethod
+    def _positive_length(cls, v: int) -> int:
+        if v < 2:
+            raise ValueError("must be at least 2")
+        return v
+
+
+class TrainConfig(Strict):
+    steps: int | None = None
+    """Optimizer steps to run; when empty, `epochs` passes over the training data."""
+    epochs: float = 1.0
+    """Passes over the training data when `steps` is empty."""
+    batch_size: int = 4
+    """Examples per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step; the loss is normalised by the step's label tokens."""
+    lr: float = 2e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    warmup_steps: int = 0
+    """Steps of linear warm-up from 0 to `lr`."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate decay after warm-up."""
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm to this value; empty disables clipping."""
+    seed: int = 42
+    """Seed for initialisation, shuffling and dropout."""
+    eval_every: int | None = None
+    """Evaluate every N steps (and always at the end) when there is eval data."""
+    log_every: int = 1
+    """Write a metrics line every N steps."""
+    device: Literal["auto", "cpu"] = "auto"
+    """`auto` uses the accelerator accelerate finds, `cpu` forces the CPU."""
+
+    @field_validator("lr")
+    @classmethod
+    def _positive_lr(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError("must be > 0")
+        return v
+
+    @field_validator("batch_size", "grad_accum", "log_every", "steps", "eval_every")
+    @classmethod
+    def _positive_count(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError("must be >= 1")
+        return v
+
+
+class RunConfig(Strict):
+    data: DataConfig
+    """Where the examples come from and how they are tokenised."""
+    model: ModelConfig = ModelConfig()
+    """The base model."""
+    method: Any = "lora"
+    """Fine-tuning method: its name, or a mapping with `name` and the method's options (listed below)."""
+    task: Literal["sft"] = "sft"
+    """Objective: `sft` (loss on completions / assistant turns)."""
+    train: TrainConfig = TrainConfig()
+    """Optimisation settings."""
+    output_dir: str = "runs/latest"
+    """Where the result, metrics and plots are written."""
+    overwrite: bool = False
+    """Replace a finished run in `output_dir` instead of refusing."""
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_shorthand(cls, v: Any) -> Any:
+        return {"name": v} if isinstance(v, str) or v is None else v
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method_config(cls, v: Any) -> Any:
+        from lmtune.methods import parse_method_config
+
+        return parse_method_config(v)
+
+
+def _format_error(err: ValidationError, cls: type[BaseModel], prefix: str = "") -> str:
+    """Turn pydantic's first error into one line that names the key."""
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in (*([prefix] if prefix else []), *e["loc"]))
+    if e["type"] == "extra_forbidden":
+        return f"unknown key '{loc}'{_suggest(cls, e['loc'])}"
+    if e["type"] == "missing":
+        return f"missing required key '{loc}'"
+    msg = e["msg"].removeprefix("Value error, ")
+    return f"'{loc}': {msg} (got {e.get('input')!r})"
+
+
+def _suggest(cls: type[BaseModel], loc: tuple) -> str:
+    """Name the closest known key of the section an unknown key was found in."""
+    for part in loc[:-1]:
+        field = cls.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return ""
+        cls = field.annotation
+    known = list(cls.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+    return f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(known)}"
+
+
+def validate(raw: dict[str, Any], prefix: str = "", cls: type[BaseModel] | None = None) -> Any:
+    """Validate a mapping against `cls` (default RunConfig), raising LmtuneError with one line."""
+    cls = cls or RunConfig
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as err:
+        raise LmtuneError(f"config: {_format_error(err, cls, prefix)}") from None
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one `dotted.key=value` override in place; the value is parsed as YAML."""
+    key, sep, value = assignment.partition("=")
+    if not sep or not key:
+        raise LmtuneError(f"override '{assignment}' is not key=value (e.g. train.lr=1e-4)")
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if isinstance(child, str) or child is None:  # `method: lora` + `method.r=16`
+            child = {"name": child} if child is not None else {}
+            node[part] = child
+        if not isinstance(child, dict):
+            raise LmtuneError(f"override '{key}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(value) if value else None
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML run config (or none) and apply overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise LmtuneError(f"config file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise LmtuneError(f"{p}:{where} is not valid YAML ({getattr(err, 'problem', err)})") from None
+        if not isinstance(raw, dict):
+            raise LmtuneError(f"{p}: the top level must be a mapping of keys (model, method, data, train, ...)")
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    return validate(raw)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The resolved config as YAML, saved next to every result."""
+    data = cfg.model_dump(mode="json")
+    data["method"] = cfg.method.model_dump(mode="json")
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def describe_keys() -> str:
+    """Every config key with its type, default and docstring: the `lmtune train --help` epilog."""
+    from lmtune.methods import get_method, method_names
+
+    lines = ["config keys (YAML, or key=value overrides):"]
+
+    def walk(cls: type[BaseModel], prefix: str) -> None:
+        for name, field in cls.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, f"{prefix}{name}.")
+                continue
+            if name == "method" or (prefix == "method." and name == "name"):
+                continue
+            default = "required" if field.is_required() else f"default {field.default!r}"
+            lines.append(f"  {prefix}{name} ({default}): {' '.join((field.description or '').split())}")
+
+    walk(RunConfig, "")
+    lines.append(f"  method: {' '.join(RunConfig.model_fields['method'].description.split())}")
+    for name in method_names():
+        lines.append(f" method '{name}' options (method.name={name}):")
+        before = len(lines)
+        walk(get_method(name).config, "method.")
+        if len(lines) == before:
+            lines.append("  (none)")
+    return "\n".join(lines)

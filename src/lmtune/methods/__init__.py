@@ -1,0 +1,90 @@
+"""The method registry: every fine-tuning method of the seed's taxonomy registers one `Method`.
+
+A method is a config class plus plain functions (`apply`, and where the math allows `merge`).
+`apply` changes the model in place and leaves `requires_grad=True` on exactly what trains;
+checkpoints save exactly those parameters (or the whole model, for `full` / `freeze`).
+Each method module calls `register` once at its bottom; nothing else in the package names it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from torch import nn
+
+from lmtune.config import Strict, validate
+from lmtune.errors import LmtuneError
+
+
+class MethodConfig(Strict):
+    """Base of every method's options; `name` selects the method."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Method:
+    """What the rest of lmtune knows about a method."""
+
+    name: str
+    config: type[MethodConfig]
+    apply: Callable[[nn.Module, Any], None]
+    """Wrap / unfreeze in place; afterwards `requires_grad` marks exactly what trains."""
+    saves_whole_model: bool = False
+    """Save a full transformers model directory instead of an adapter file pair."""
+    peft_type: str | None = None
+    """PEFT's name for the method, when PEFT has it (its checkpoints are then interchangeable)."""
+    to_peft: Callable[[Any, nn.Module], dict] | None = None
+    """Method config -> the method-specific fields of PEFT's adapter_config.json."""
+    from_peft: Callable[[dict], dict] | None = None
+    """PEFT adapter_config.json -> our method options (a mapping validated by `config`)."""
+    merge: Callable[[nn.Module], nn.Module] | None = None
+    """Fold the method into the base weights and return the plain transformers model."""
+    merge_refusal: str = "this method cannot be merged into the base weights"
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    _REGISTRY[method.name] = method
+    return method
+
+
+def _load_all() -> None:
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
+
+
+def get_method(name: str) -> Method:
+    _load_all()
+    if name not in _REGISTRY:
+        raise LmtuneError(f"unknown method '{name}'; choose one of: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def method_names() -> list[str]:
+    _load_all()
+    return sorted(_REGISTRY)
+
+
+def method_for_peft_type(peft_type: str) -> Method:
+    _load_all()
+    for method in _REGISTRY.values():
+        if method.peft_type == peft_type:
+            return method
+    raise LmtuneError(f"lmtune cannot load PEFT adapters of type '{peft_type}'")
+
+
+def parse_method_config(value: Any) -> MethodConfig:
+    """`"lora"`, `{"name": "lora", "r": 16}` or a config object -> the method's validated config."""
+    if isinstance(value, MethodConfig):
+        return value
+    if isinstance(value, str):
+        value = {"name": value}
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        raise LmtuneError("config: 'method' must be a method name or a mapping with a 'name' key")
+    return validate(value, prefix="method", cls=get_method(value["name"]).config)

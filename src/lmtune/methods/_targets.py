@@ -1,0 +1,88 @@
+"""Finding the modules a method wraps, by name, on any transformers model (PEFT's matching rules)."""
+
+from __future__ import annotations
+
+import re
+from typing import Iterator
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from lmtune.errors import LmtuneError
+
+# PEFT's default LoRA targets (peft/utils/constants.py), so `target_modules: null` trains what PEFT would.
+DEFAULT_LORA_TARGETS: dict[str, list[str]] = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "gemma3_text": ["q_proj", "v_proj"],
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "phi3": ["qkv_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "gpt_neox": ["query_key_value"],
+    "gptj": ["q_proj", "v_proj"],
+    "bloom": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "t5": ["q", "v"],
+    "mt5": ["q", "v"],
+    "bart": ["q_proj", "v_proj"],
+    "starcoder2": ["q_proj", "v_proj"],
+    "olmo": ["q_proj", "v_proj"],
+    "stablelm": ["q_proj", "v_proj"],
+}
+
+LINEAR_TYPES = (nn.Linear, Conv1D)
+
+
+def matches(name: str, targets: str | list[str]) -> bool:
+    """PEFT's rule: a regex string must fullmatch the module path; a list entry must equal it or its tail."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith(f".{t}") for t in targets)
+
+
+def linear_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Every Linear / GPT-2 Conv1D except the output head (which `all-linear` leaves alone, as PEFT does)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for name, module in model.named_modules():
+        if isinstance(module, LINEAR_TYPES) and module is not head:
+            yield name, module
+
+
+def resolve_targets(model: nn.Module, targets: str | list[str] | None, defaults: dict[str, list[str]],
+                    method: str) -> list[str]:
+    """Module paths to wrap: explicit names / regex / `all-linear`, or PEFT's default for the architecture."""
+    if targets is None:
+        model_type = getattr(model.config, "model_type", None)
+        if model_type not in defaults:
+            raise LmtuneError(f"{method}: no default target modules for model type '{model_type}'; set "
+                              f"method.target_modules (e.g. all-linear or a list like [q_proj, v_proj])")
+        targets = defaults[model_type]
+    if targets == "all-linear":
+        found = [name for name, _ in linear_modules(model)]
+    else:
+        found = [name for name, _ in model.named_modules() if name and matches(name, targets)]
+    if not found:
+        available = sorted({name.rsplit(".", 1)[-1] for name, _ in linear_modules(model)})
+        raise LmtuneError(f"{method}: target_modules {targets!r} matched no module; linear modules here: "
+                          f"{', '.join(available)}")
+    return found
+
+
+def in_out_features(module: nn.Module) -> tuple[int, int]:
+    """(in, out) of a Linear or of GPT-2's Conv1D, whose weight is stored transposed as (in, out)."""
+    if isinstance(module, Conv1D):
+        return module.weight.shape[0], module.weight.shape[1]
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    raise LmtuneError(f"cannot wrap {type(module).__name__}: only Linear and Conv1D layers are supported")
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)

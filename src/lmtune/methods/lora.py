@@ -1,0 +1,151 @@
+"""LoRA: low-rank adaptation (Hu et al., 2021, https://arxiv.org/abs/2106.09685).
+
+Update rule: h = W0 x + (alpha / r) * B A x, with W0 frozen, A: r x in, B: out x r.
+What trains: A and B of every targeted Linear / GPT-2 Conv1D; nothing else.
+Init (PEFT's options): `kaiming` (A kaiming-uniform, B = 0), `gaussian` (A ~ N(0, 1/r), B = 0),
+`random` (B random too, so the adapter is not a no-op; for tests). rsLoRA scales by alpha / sqrt(r).
+Checkpoints are PEFT's: parameter names `<module>.lora_A.weight` / `<module>.lora_B.weight`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from pydantic import field_validator
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from lmtune.errors import LmtuneError
+from lmtune.methods import Method, MethodConfig, register
+from lmtune.methods._targets import DEFAULT_LORA_TARGETS, in_out_features, replace_module, resolve_targets
+
+
+class LoraConfig(MethodConfig):
+    name: Literal["lora"] = "lora"
+    r: int = 8
+    """Rank of the update; the seed suggests 4, 8 or 16."""
+    alpha: float = 16.0
+    """Scale numerator: the update is multiplied by alpha / r (alpha / sqrt(r) with rsLoRA)."""
+    dropout: float = 0.0
+    """Dropout on the LoRA branch's input."""
+    target_modules: str | list[str] | None = None
+    """Module names (`[q_proj, v_proj]`), a regex matched against full module paths, or `all-linear`;
+    empty means PEFT's default for the architecture (q_proj and v_proj on llama)."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling alpha / sqrt(r)."""
+    init: Literal["kaiming", "gaussian", "random"] = "kaiming"
+    """Initialisation of A and B (see the module docstring)."""
+
+    @field_validator("r")
+    @classmethod
+    def _positive_rank(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be >= 1")
+        return v
+
+    @field_validator("dropout")
+    @classmethod
+    def _dropout_range(cls, v: float) -> float:
+        if not 0.0 <= v < 1.0:
+            raise ValueError("must be in [0, 1)")
+        return v
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+class LoraLinear(nn.Module):
+    """A frozen Linear / Conv1D plus a trainable low-rank update."""
+
+    def __init__(self, base_layer: nn.Module, cfg: LoraConfig) -> None:
+        super().__init__()
+        in_features, out_features = in_out_features(base_layer)
+        weight = base_layer.weight
+        # Adapters stay fp32 even on a bf16 base (as PEFT does): their updates are tiny.
+        dtype = weight.dtype if weight.dtype == torch.float64 else torch.float32
+        self.base_layer = base_layer
+        self.lora_dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.lora_A = nn.Linear(in_features, cfg.r, bias=False, device=weight.device, dtype=dtype)
+        self.lora_B = nn.Linear(cfg.r, out_features, bias=False, device=weight.device, dtype=dtype)
+        self.scaling = cfg.scaling
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        self.merged = False
+        self.disabled = False
+        self._init(cfg.init, cfg.r)
+
+    def _init(self, init: str, r: int) -> None:
+        if init == "kaiming":
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B.weight)
+        elif init == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1.0 / r)
+            nn.init.zeros_(self.lora_B.weight)
+        # "random": keep nn.Linear's default init for both, so the update is non-zero.
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        if self.disabled or self.merged:
+            return y
+        update = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
+        return y + (update * self.scaling).to(y.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """s * B A in fp32, laid out like the base weight (transposed for Conv1D)."""
+        delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+        return delta.T if self.fan_in_fan_out else delta
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            weight = self.base_layer.weight
+            weight.copy_((weight.float() + self.delta_weight()).to(weight.dtype))
+            self.merged = True
+
+
+def apply(model: nn.Module, cfg: LoraConfig) -> None:
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for name in resolve_targets(model, cfg.target_modules, DEFAULT_LORA_TARGETS, "lora"):
+        replace_module(model, name, LoraLinear(model.get_submodule(name), cfg))
+
+
+def merge(model: nn.Module) -> nn.Module:
+    wrapped = [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLinear)]
+    for name, module in wrapped:
+        module.merge()
+        replace_module(model, name, module.base_layer)
+    return model
+
+
+_PEFT_INIT = {"kaiming": True, "gaussian": "gaussian", "random": False}
+
+
+def to_peft(cfg: LoraConfig, model: nn.Module) -> dict:
+    targets = cfg.target_modules
+    if targets is None:
+        targets = DEFAULT_LORA_TARGETS[model.config.model_type]
+    return {"r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "target_modules": targets,
+            "use_rslora": cfg.use_rslora, "init_lora_weights": _PEFT_INIT[cfg.init], "bias": "none",
+            "fan_in_fan_out": False, "use_dora": False, "modules_to_save": None}
+
+
+# PEFT options lmtune does not implement yet, with the value that means "off".
+_UNSUPPORTED = {"use_dora": False, "bias": "none", "modules_to_save": None, "rank_pattern": {},
+                "alpha_pattern": {}, "lora_bias": False, "layers_to_transform": None}
+
+
+def from_peft(peft: dict) -> dict:
+    for key, off in _UNSUPPORTED.items():
+        if peft.get(key, off) not in (off, None, {}, []):
+            raise LmtuneError(f"this PEFT LoRA adapter uses {key}={peft[key]!r}, which lmtune does not support")
+    init = {str(v): k for k, v in _PEFT_INIT.items()}.get(str(peft.get("init_lora_weights", True)), "kaiming")
+    return {"name": "lora", "r": peft["r"], "alpha": peft.get("lora_alpha", 8), "init": init,
+            "dropout": peft.get("lora_dropout", 0.0), "target_modules": peft.get("target_modules"),
+            "use_rslora": peft.get("use_rslora", False)}
+
+
+register(Method(name="lora", config=LoraConfig, apply=apply, peft_type="LORA", to_peft=to_peft,
+                from_peft=from_peft, merge=merge))

