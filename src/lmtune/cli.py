@@ -56,7 +56,10 @@ def _run(args: argparse.Namespace) -> None:
         from lmtune.config import load_config
         from lmtune.train import run
 
-        summary = run(load_config(args.config, args.overrides))
+        config, overrides = args.config, list(args.overrides)
+        if config is not None and "=" in config and not os.path.exists(config):
+            config, overrides = None, [config, *overrides]  # overrides only, no YAML
+        summary = run(load_config(config, overrides))
         print(f"done: {summary['steps']} steps, final loss {summary['loss']:.4f}"
               + (f", eval loss {summary['eval_loss']:.4f}" if "eval_loss" in summary else ""))
     elif args.command in ("generate", "chat"):

@@ -128,6 +128,8 @@ class RunConfig(Strict):
     def _method_config(cls, v: Any) -> Any:
         from lmtune.methods import parse_method_config
 
+        if isinstance(v, dict) and "name" not in v:  # `method.r=16` alone: options of the default method
+            v = {"name": cls.model_fields["method"].default, **v}
         return parse_method_config(v)
 
 

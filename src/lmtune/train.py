@@ -127,7 +127,7 @@ def _loop(cfg, model, optimizer, scheduler, loader, eval_loader, steps, accelera
         for batch in micro:
             loss_sum, _, _ = objective(model, batch)
             accelerator.backward(loss_sum / weight)
-            step_loss += float(loss_sum) / weight
+            step_loss += float(loss_sum.detach()) / weight
             tokens += int(batch["attention_mask"].sum())
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm) if t.max_grad_norm else None
         optimizer.step()
