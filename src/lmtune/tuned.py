@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -57,6 +58,20 @@ class TunedModel(nn.Module):
 
     def print_trainable_parameters(self) -> None:
         print(self.describe_parameters())
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Run as the base model: every method module is switched off inside the block."""
+        switches = [m for m in self.model.modules() if hasattr(m, "disabled")]
+        if not switches:
+            raise LmtuneError(f"'{self.method.name}' changes the base weights; there is nothing to switch off")
+        for m in switches:
+            m.disabled = True
+        try:
+            yield
+        finally:
+            for m in switches:
+                m.disabled = False
 
     def merge(self) -> PreTrainedModel:
         """Fold the method into the base weights (in place) and return the plain transformers model."""
