@@ -22,7 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lmtune.errors import LmtuneError
 from lmtune.methods import get_method, method_for_peft_type, parse_method_config
-from lmtune.models import default_model_dir, load_model
+from lmtune.models import DEFAULT_MODEL, cache_dir, load_tokenizer, load_weights
 from lmtune.tuned import TunedModel
 
 PEFT_PREFIX = "base_model.model."
@@ -55,9 +55,23 @@ def adapter_state_dict(tuned: TunedModel) -> dict[str, torch.Tensor]:
             for name, p in tuned.model.named_parameters() if p.requires_grad}
 
 
+def _base_model(tuned: TunedModel) -> str | None:
+    """The name the user gave, else the directory transformers loaded the model from; None = the default.
+
+    `lmtune.apply(model, ...)` leaves base_name None even for a user's own model, and None would make
+    `load` put the adapter on the packaged default. The default itself stays None (its cache may move).
+    """
+    if tuned.base_name is not None:
+        return tuned.base_name
+    path = getattr(tuned.model, "name_or_path", "") or None
+    default = cache_dir() / "models" / DEFAULT_MODEL
+    return None if path is None or Path(path) == default else path
+
+
 def _peft_config(tuned: TunedModel) -> dict:
     spec = tuned.method
-    base = tuned.base_name if tuned.base_name is not None else str(default_model_dir())
+    # Never `default_model_dir()` here: for a model that is not the default it would convert one (~30 s).
+    base = _base_model(tuned) or getattr(tuned.model, "name_or_path", "") or None
     fields = spec.to_peft(tuned.method_config, tuned.model) if spec.to_peft else {}
     return {"peft_type": spec.peft_type, "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
             "inference_mode": True, "revision": None, **fields}
@@ -65,7 +79,7 @@ def _peft_config(tuned: TunedModel) -> dict:
 
 def save(tuned: TunedModel, directory: str | Path, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
     """Write `tuned` to `directory`: a PEFT adapter pair, or a whole model for full / freeze."""
-    info = {"method": tuned.method_config.model_dump(mode="json"), "base_model": tuned.base_name}
+    info = {"method": tuned.method_config.model_dump(mode="json"), "base_model": _base_model(tuned)}
     with atomic_dir(directory) as tmp:
         if tuned.method.saves_whole_model:
             tuned.model.save_pretrained(tmp)
@@ -104,26 +118,17 @@ def load(directory: str | Path, base: str | None = None,
     else:
         raise LmtuneError(f"{d} holds no lmtune run, PEFT adapter or transformers model")
     spec = get_method(config.name)
+    # The run's own tokenizer when it saved one, else its base model's.
+    tokenizer = load_tokenizer(str(d) if (d / "tokenizer_config.json").is_file() else base)
     if spec.saves_whole_model:
-        model, tokenizer = load_model(str(d), dtype=dtype)
+        model = load_weights(str(d), dtype=dtype)
         spec.apply(model, config)
         return TunedModel(model, spec, config, base_name=base), tokenizer
-    model, tokenizer = load_model(base, dtype=dtype)
-    if (d / "tokenizer_config.json").is_file():
-        tokenizer = load_model_tokenizer(d)
+    model = load_weights(base, dtype=dtype)
     tuned = TunedModel(model, spec, config, base_name=base)
     spec.apply(model, config)
     load_adapter_weights(tuned, d / ADAPTER_WEIGHTS)
     return tuned, tokenizer
-
-
-def load_model_tokenizer(directory: Path) -> PreTrainedTokenizerBase:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def load_adapter_weights(tuned: TunedModel, path: Path) -> None:

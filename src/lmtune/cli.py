@@ -54,12 +54,14 @@ def _load_target(args: argparse.Namespace):
 def _run(args: argparse.Namespace) -> None:
     if args.command == "train":
         from lmtune.config import load_config
-        from lmtune.train import run
 
         config, overrides = args.config, list(args.overrides)
         if config is not None and "=" in config and not os.path.exists(config):
             config, overrides = None, [config, *overrides]  # overrides only, no YAML
-        summary = run(load_config(config, overrides))
+        cfg = load_config(config, overrides)  # config mistakes surface before the slow training imports
+        from lmtune.train import run
+
+        summary = run(cfg)
         print(f"done: {summary['steps']} steps, final loss {summary['loss']:.4f}"
               + (f", eval loss {summary['eval_loss']:.4f}" if "eval_loss" in summary else ""))
     elif args.command in ("generate", "chat"):

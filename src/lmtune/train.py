@@ -15,7 +15,6 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 
 from lmtune.checkpoint import RUN_INFO, save
 from lmtune.config import RunConfig, dump_config
@@ -29,14 +28,18 @@ from lmtune.tuned import TunedModel, apply
 log = logging.getLogger("lmtune")
 
 
-def _prepare_output(cfg: RunConfig) -> Path:
+def _check_output(cfg: RunConfig) -> Path:
     out = Path(cfg.output_dir)
     if (out / RUN_INFO).exists() and not cfg.overwrite:
         raise LmtuneError(f"{out} already holds a finished run; choose another output_dir or set overwrite=true")
+    return out
+
+
+def _prepare_output(cfg: RunConfig, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    (out / RUN_INFO).unlink(missing_ok=True)  # an overwrite that dies must not pass for the old finished run
     (out / "metrics.jsonl").write_text("")
     (out / "config.yaml").write_text(dump_config(cfg))
-    return out
 
 
 def _load_data(cfg: RunConfig, tokenizer) -> tuple[list[Example], list[Example], TokenStats]:
@@ -47,6 +50,20 @@ def _load_data(cfg: RunConfig, tokenizer) -> tuple[list[Example], list[Example],
     else:
         train, evals = split(train, d.eval_split, cfg.train.seed)
     return train, evals, stats
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """The multiple of the peak rate that optimizer step `step` (from 0) uses: linear warm-up from 0, then decay.
+
+    The same curves as transformers' schedules, written out because `transformers.get_scheduler` imports
+    its Trainer utilities and, where peft is installed, peft: seconds on every `lmtune train`.
+    """
+    if step < warmup:
+        return step / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
 
 
 def _batches(loader: DataLoader) -> Iterator[dict[str, torch.Tensor]]:
@@ -70,11 +87,13 @@ def evaluate_loss(model: torch.nn.Module, loader: DataLoader, objective) -> floa
 def run(cfg: RunConfig) -> dict:
     """Train as `cfg` says; returns a summary (also written to the run directory)."""
     set_seed(cfg.train.seed)
-    out = _prepare_output(cfg)
+    out = _check_output(cfg)
     model, tokenizer = load_model(cfg.model.name, cfg.model.dtype, cfg.model.trust_remote_code)
-    tuned = apply(model, cfg.method, base_name=cfg.model.name)
-    log.info(tuned.describe_parameters())
+    # Data before anything is logged or written: a bad record fails as one line and leaves no directory.
     train_set, eval_set, stats = _load_data(cfg, tokenizer)
+    tuned = apply(model, cfg.method, base_name=cfg.model.name)
+    _prepare_output(cfg, out)
+    log.info(tuned.describe_parameters())
     log.info("data: %d train / %d eval examples, %d truncated (%d tokens cut), %d dropped with no labels",
              len(train_set), len(eval_set), stats.truncated, stats.tokens_cut, stats.dropped_no_labels)
     t = cfg.train
@@ -86,8 +105,8 @@ def run(cfg: RunConfig) -> dict:
     steps = t.steps or max(1, math.ceil(t.epochs * len(loader) / t.grad_accum))
     optimizer = torch.optim.AdamW([p for p in tuned.parameters() if p.requires_grad], lr=t.lr,
                                   weight_decay=t.weight_decay)
-    schedule = "constant_with_warmup" if t.schedule == "constant" else t.schedule
-    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, t.warmup_steps, steps, t.schedule))
     tuned, optimizer, loader = accelerator.prepare(tuned, optimizer, loader)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
@@ -130,10 +149,11 @@ def _loop(cfg, model, optimizer, scheduler, loader, eval_loader, steps, accelera
             step_loss += float(loss_sum.detach()) / weight
             tokens += int(batch["attention_mask"].sum())
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm) if t.max_grad_norm else None
+        lr = scheduler.get_last_lr()[0]  # the rate this step uses; after scheduler.step() it is the next one's
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        row = {"step": step, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
+        row = {"step": step, "loss": step_loss, "lr": lr,
                "tokens_per_s": tokens / (time.perf_counter() - started)}
         if grad_norm is not None:
             row["grad_norm"] = float(grad_norm)

@@ -114,6 +114,11 @@ def render(record: dict[str, Any], tokenizer: PreTrainedTokenizerBase, prompt_fo
     for keys, renderer in FORMATS:
         if all(k in record for k in keys):
             return renderer(record, tokenizer, prompt_format, where)
+    for keys, _ in FORMATS:  # some keys of a format but not all: name the field that is missing
+        missing = [k for k in keys if k not in record]
+        if len(missing) < len(keys):
+            raise LmtuneError(f"{where}: field '{missing[0]}' is missing (a record with "
+                              f"'{next(k for k in keys if k in record)}' needs {', '.join(keys)})")
     expected = "; ".join("+".join(keys) for keys, _ in FORMATS)
     raise LmtuneError(f"{where}: unknown record format with keys {sorted(record)}; expected one of: {expected}")
 

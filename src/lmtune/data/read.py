@@ -10,6 +10,7 @@ from typing import Any
 from lmtune.errors import LmtuneError
 
 Record = tuple[str, dict[str, Any]]  # ("file:line", record)
+ENCODING = "utf-8-sig"  # UTF-8, ignoring the byte-order mark that spreadsheet exports put first
 
 
 def read_records(path: str | Path) -> list[Record]:
@@ -20,7 +21,10 @@ def read_records(path: str | Path) -> list[Record]:
         p.suffix.lower())
     if reader is None:
         raise LmtuneError(f"{p}: unknown data format '{p.suffix}'; use .jsonl, .json, .csv or .parquet")
-    records = reader(p)
+    try:
+        records = reader(p)
+    except UnicodeDecodeError as err:
+        raise LmtuneError(f"{p}: not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8") from None
     if not records:
         raise LmtuneError(f"{p}: no records")
     for where, record in records:
@@ -31,7 +35,7 @@ def read_records(path: str | Path) -> list[Record]:
 
 def _read_jsonl(p: Path) -> list[Record]:
     records = []
-    with p.open(encoding="utf-8") as f:
+    with p.open(encoding=ENCODING) as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -44,7 +48,7 @@ def _read_jsonl(p: Path) -> list[Record]:
 
 def _read_json(p: Path) -> list[Record]:
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
+        data = json.loads(p.read_text(encoding=ENCODING))
     except json.JSONDecodeError as err:
         raise LmtuneError(f"{p}:{err.lineno}: not valid JSON ({err.msg})") from None
     if not isinstance(data, list):
@@ -53,8 +57,17 @@ def _read_json(p: Path) -> list[Record]:
 
 
 def _read_csv(p: Path) -> list[Record]:
-    with p.open(encoding="utf-8", newline="") as f:
-        return [(f"{p}:{i}", dict(row)) for i, row in enumerate(csv.DictReader(f), start=2)]
+    with p.open(encoding=ENCODING, newline="") as f:
+        reader = csv.DictReader(f)
+        try:
+            # A quoted field may span lines: a row starts where it ends, less the newlines inside it.
+            return [(f"{p}:{reader.line_num - _newlines(row)}", dict(row)) for row in reader]
+        except csv.Error as err:
+            raise LmtuneError(f"{p}:{reader.line_num}: not valid CSV ({err})") from None
+
+
+def _newlines(row: dict[str, Any]) -> int:
+    return sum(value.count("\n") for value in row.values() if isinstance(value, str))
 
 
 def _read_parquet(p: Path) -> list[Record]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
+from pydantic import field_validator
 from torch import nn
 
 from lmtune.errors import LmtuneError
@@ -26,6 +27,16 @@ class FreezeConfig(MethodConfig):
     """Also train parameters whose names match any of these regexes (searched), e.g. `norm` or `embed_tokens`."""
     bitfit: bool = False
     """Keep only norm weights and biases of the selection (of the whole model when nothing else is chosen)."""
+
+    @field_validator("patterns")
+    @classmethod
+    def _valid_regexes(cls, v: list[str]) -> list[str]:
+        for pattern in v:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"'{pattern}' is not a valid regular expression ({err})") from None
+        return v
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:

@@ -10,6 +10,7 @@ Checkpoints are PEFT's: parameter names `<module>.lora_A.weight` / `<module>.lor
 from __future__ import annotations
 
 import math
+import re
 from typing import Literal
 
 import torch
@@ -43,6 +44,16 @@ class LoraConfig(MethodConfig):
     def _positive_rank(cls, v: int) -> int:
         if v < 1:
             raise ValueError("must be >= 1")
+        return v
+
+    @field_validator("target_modules")
+    @classmethod
+    def _valid_regex(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, str) and v != "all-linear":
+            try:
+                re.compile(v)
+            except re.error as err:
+                raise ValueError(f"not a valid regular expression ({err})") from None
         return v
 
     @field_validator("dropout")
@@ -106,10 +117,13 @@ class LoraLinear(nn.Module):
 
 
 def apply(model: nn.Module, cfg: LoraConfig) -> None:
+    # Build every wrapper before touching the model, so a target that cannot be wrapped leaves it unchanged.
+    names = resolve_targets(model, cfg.target_modules, DEFAULT_LORA_TARGETS, "lora")
+    layers = {name: LoraLinear(model.get_submodule(name), cfg) for name in names}
     for param in model.parameters():
         param.requires_grad_(False)
-    for name in resolve_targets(model, cfg.target_modules, DEFAULT_LORA_TARGETS, "lora"):
-        replace_module(model, name, LoraLinear(model.get_submodule(name), cfg))
+    for name, layer in layers.items():
+        replace_module(model, name, layer)
 
 
 def merge(model: nn.Module) -> nn.Module:

@@ -1,0 +1,126 @@
+"""One typed config: defaults, YAML round trip, dotted overrides, and one-line errors that name the key."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from lmtune.config import RunConfig, dump_config, load_config
+from lmtune.errors import LmtuneError
+
+
+def write(tmp_path, text: str, name: str = "run.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def error(path: str | None, *overrides: str) -> str:
+    with pytest.raises(LmtuneError) as info:
+        load_config(path, list(overrides))
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_defaults():
+    cfg = load_config(None, ["data.train=d.jsonl"])
+    assert cfg.data.train == "d.jsonl"
+    assert (cfg.data.eval, cfg.data.eval_split, cfg.data.max_length, cfg.data.prompt_format) == (None, 0.0, 1024,
+                                                                                                 "auto")
+    assert (cfg.model.name, cfg.model.dtype, cfg.model.trust_remote_code) == (None, "float32", False)
+    # The default method is a validated config object, like a named one, not the bare string.
+    assert cfg.method.model_dump() == load_config(None, ["data.train=d.jsonl", "method=lora"]).method.model_dump()
+    assert (cfg.method.name, cfg.method.r, cfg.method.alpha) == ("lora", 8, 16.0)
+    t = cfg.train
+    assert (t.steps, t.epochs, t.batch_size, t.grad_accum, t.lr, t.warmup_steps, t.schedule, t.max_grad_norm,
+            t.seed) == (None, 1.0, 4, 1, 2e-4, 0, "cosine", 1.0, 42)
+    assert (cfg.task, cfg.output_dir, cfg.overwrite) == ("sft", "runs/latest", False)
+    assert yaml.safe_load(dump_config(cfg))["method"]["name"] == "lora"
+
+
+def test_yaml_round_trip(tmp_path):
+    path = write(tmp_path, """
+model: /models/tiny
+method: {name: lora, r: 4, alpha: 8, target_modules: [q_proj, v_proj]}
+data: {train: train.jsonl, eval_split: 0.1, max_length: 256, prompt_format: plain}
+train: {steps: 20, batch_size: 2, grad_accum: 3, lr: 1e-3, schedule: linear, warmup_steps: 2, max_grad_norm: null}
+output_dir: runs/x
+""")
+    cfg = load_config(path)
+    assert cfg.model.name == "/models/tiny"
+    assert (cfg.method.r, cfg.method.alpha, cfg.method.target_modules) == (4, 8.0, ["q_proj", "v_proj"])
+    assert (cfg.train.lr, cfg.train.grad_accum, cfg.train.max_grad_norm) == (1e-3, 3, None)
+    again = load_config(write(tmp_path, dump_config(cfg), "dumped.yaml"))
+    assert again.model_dump() == cfg.model_dump()
+    assert dump_config(again) == dump_config(cfg)
+
+
+def test_dotted_overrides(tmp_path):
+    path = write(tmp_path, "data: {train: d.jsonl}\nmethod: lora\nmodel: /models/tiny\ntrain: {lr: 1e-3}\n")
+    cfg = load_config(path, ["method.r=16", "train.lr=5e-5", "model.dtype=bfloat16", "train.steps=3",
+                             "train.max_grad_norm="])
+    assert (cfg.method.name, cfg.method.r) == ("lora", 16)
+    assert (cfg.model.name, cfg.model.dtype) == ("/models/tiny", "bfloat16")
+    assert (cfg.train.lr, cfg.train.steps, cfg.train.max_grad_norm) == (5e-5, 3, None)
+    # Options alone select the default method; a mapping keeps its other options.
+    assert load_config(None, ["data.train=d.jsonl", "method.r=4"]).method.r == 4
+    both = load_config(write(tmp_path, "data: {train: d}\nmethod: {name: lora, r: 4}\n"), ["method.alpha=2"])
+    assert (both.method.r, both.method.alpha) == (4, 2.0)
+    assert load_config(path, ["method=full"]).method.name == "full"
+
+
+@pytest.mark.parametrize("overrides, wanted", [
+    (["trian.lr=1"], "config: unknown key 'trian'; did you mean 'train'?"),
+    (["train.lrr=1"], "config: unknown key 'train.lrr'; did you mean 'lr'?"),
+    (["data.max_lenght=8"], "config: unknown key 'data.max_lenght'; did you mean 'max_length'?"),
+    (["method.rr=4"], "config: unknown key 'method.rr'; did you mean 'r'?"),
+    (["method=full", "method.r=4"], "config: unknown key 'method.r'"),
+    (["train.batch_size=two"], "config: 'train.batch_size': Input should be a valid integer"),
+    (["train.lr=-1e-4"], "config: 'train.lr': must be > 0"),
+    (["train.lr=0"], "config: 'train.lr': must be > 0"),
+    (["train.steps=0"], "config: 'train.steps': must be >= 1"),
+    (["data.eval_split=1.5"], "config: 'data.eval_split': must be in [0, 1)"),
+    (["train.schedule=step"], "config: 'train.schedule': Input should be 'cosine', 'linear' or 'constant'"),
+    (["method=nope"], "unknown method 'nope'; choose one of: "),
+    (["method.r=0"], "config: 'method.r': must be >= 1 (got 0)"),
+    (["method=lora", "method.r=0"], "config: 'method.r': must be >= 1 (got 0)"),
+    (["train.lr.peak=1"], "override 'train.lr.peak': 'lr' is not a section"),
+    (["output_dir.name=x"], "override 'output_dir.name': 'output_dir' is not a section"),
+    (["overwrite.x=1"], "override 'overwrite.x': 'overwrite' is not a section"),
+    (["train.lr"], "override 'train.lr' is not key=value"),
+])
+def test_bad_settings_are_one_line_naming_the_key(tmp_path, overrides, wanted):
+    path = write(tmp_path, "data: {train: d.jsonl}\ntrain: {lr: 1e-3}\noutput_dir: runs/a\noverwrite: false\n")
+    assert error(path, *overrides).startswith(wanted)
+
+
+def test_unknown_and_mistyped_keys_in_yaml(tmp_path):
+    assert error(write(tmp_path, "data: {train: d}\ntrian: {lr: 1}\n")) == \
+        "config: unknown key 'trian'; did you mean 'train'?"
+    assert error(write(tmp_path, "data: {train: d}\ntrain: {batchsize: 2}\n")) == \
+        "config: unknown key 'train.batchsize'; did you mean 'batch_size'?"
+    assert error(write(tmp_path, "data: {train: d}\ntrain: {lr: fast}\n")).startswith("config: 'train.lr': ")
+    assert error(write(tmp_path, "data: {train: d}\nmethod: {name: lora, r: -2}\n")).startswith(
+        "config: 'method.r': must be >= 1")
+
+
+def test_missing_training_data(tmp_path):
+    assert error(None) == "config: missing required key 'data'"
+    assert error(write(tmp_path, "data: {eval: e.jsonl}\n")) == "config: missing required key 'data.train'"
+
+
+def test_bad_files(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    assert error(str(missing)) == f"config file not found: {missing}"
+    bad = write(tmp_path, "data:\n  train: d.jsonl\n train: [1\n")
+    assert error(bad).startswith(f"{bad}: line 3 is not valid YAML")
+    listed = write(tmp_path, "- data\n- train\n")
+    assert error(listed).startswith(f"{listed}: the top level must be a mapping")
+    assert load_config(write(tmp_path, ""), ["data.train=d.jsonl"]).data.train == "d.jsonl"
+
+
+def test_config_objects_validate_assignment():
+    cfg = RunConfig(data={"train": "d.jsonl"})
+    with pytest.raises(ValueError):
+        cfg.train.lr = -1.0
