@@ -4,6 +4,7 @@ read strictly (every failure a one-line LmtuneError)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
@@ -202,3 +203,12 @@ def test_whole_model_saved_without_tokenizer_loads(tmp_path, model_dir):
     tuned.save(tmp_path)
     loaded, _ = lmtune.load(tmp_path)
     assert_close(logits(loaded), logits(tuned))
+
+
+def test_merge_refuses_a_non_empty_output(run, model_dir):
+    """Merging over an existing model (e.g. the base itself) would destroy it."""
+    _, directory = run
+    before = sorted(os.listdir(model_dir))
+    with pytest.raises(lmtune.LmtuneError, match="not empty"):
+        merge_to(directory, model_dir)
+    assert sorted(os.listdir(model_dir)) == before

@@ -27,17 +27,17 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", 
 CHAT = {"messages": [{"role": "user", "content": "What is two plus two?"},
                      {"role": "assistant", "content": "It is four."}]}
 
-# In a real process: errors that surface after the model is loaded, where a library log line or progress bar
-# on stderr would show, and one config error through the console script.
+# In a real process: an error that surfaces after the model is loaded, where a library log line or progress
+# bar on stderr would show.
 PROCESS_ERRORS = {  # case: (arguments, the start of the message)
-    "unknown key": (["train", "data.train=good.jsonl", "train.lrr=1"],
-                    "config: unknown key 'train.lrr'; did you mean 'lr'?"),
-    "missing data file": (["train", "model.name={model}", "data.train=missing.jsonl", "output_dir=out"],
-                          "data file not found: missing.jsonl"),
     "malformed data line": (["train", "model.name={model}", "data.train=bad.jsonl", "output_dir=out"],
                             "bad.jsonl:2: not valid JSON"),
 }
 ERRORS = {
+    "unknown key": (["train", "data.train=good.jsonl", "train.lrr=1"],
+                    "config: unknown key 'train.lrr'; did you mean 'lr'?"),
+    "missing data file": (["train", "model.name={model}", "data.train=missing.jsonl", "output_dir=out"],
+                          "data file not found: missing.jsonl"),
     "missing config file": (["train", "nope.yaml"], "config file not found: nope.yaml"),
     "wrong type": (["train", "wrong_type.yaml"], "config: 'train.batch_size': Input should be a valid integer"),
     "unknown method": (["train", "data.train=good.jsonl", "method=nope"], "unknown method 'nope'"),
@@ -47,6 +47,9 @@ ERRORS = {
                       "model not found: ./no-such-model"),
     "generate without a run": (["generate", "no-run", "--prompt", "hi"], "run directory not found: no-run"),
     "chat without a run": (["chat", "no-run"], "run directory not found: no-run"),
+    "no new tokens": (["generate", "--model", "{model}", "--prompt", "hi", "--max-new-tokens", "0"],
+                      "max new tokens must be at least 1 (got 0)"),
+    "negative temperature": (["chat", "--model", "{model}", "--temperature", "-1"], "temperature must be >= 0"),
     "merge without a run": (["merge", "no-run", "--out", "merged"], "run directory not found: no-run"),
 }
 TRAIN = ["train", "run.yaml", "output_dir=run", "method.r=4"]

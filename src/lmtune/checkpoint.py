@@ -156,6 +156,8 @@ def load_adapter_weights(tuned: TunedModel, path: Path) -> None:
 
 def merge_to(directory: str | Path, out: str | Path) -> PreTrainedModel:
     """Merge a run into its base weights and write a plain transformers model + tokenizer to `out`."""
+    if Path(out).exists() and any(Path(out).iterdir()):
+        raise LmtuneError(f"{out} exists and is not empty; merge into a new directory")
     tuned, tokenizer = load(directory)
     merged = tuned.merge()
     with atomic_dir(out) as tmp:

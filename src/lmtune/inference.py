@@ -7,12 +7,14 @@ from typing import Callable
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from lmtune.errors import LmtuneError
 from lmtune.tuned import TunedModel
 
 
 def reply(tuned: TunedModel, tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]] | str,
           max_new_tokens: int = 128, temperature: float = 0.0) -> str:
     """The model's answer to a conversation (chat template) or to raw text (a plain string)."""
+    _check_settings(max_new_tokens, temperature)
     if isinstance(messages, str):
         inputs = tokenizer(messages, return_tensors="pt")
     else:
@@ -29,6 +31,14 @@ def reply(tuned: TunedModel, tokenizer: PreTrainedTokenizerBase, messages: list[
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
+def _check_settings(max_new_tokens: int, temperature: float) -> None:
+    """User mistakes as LmtuneError: transformers would raise deep inside generate, or sample silently greedy."""
+    if max_new_tokens < 1:
+        raise LmtuneError(f"max new tokens must be at least 1 (got {max_new_tokens})")
+    if temperature < 0:
+        raise LmtuneError(f"temperature must be >= 0, 0 meaning greedy (got {temperature})")
+
+
 def generate(tuned: TunedModel, tokenizer: PreTrainedTokenizerBase, prompt: str, max_new_tokens: int = 128,
              temperature: float = 0.0, raw: bool = False) -> str:
     """One reply; the prompt goes through the chat template unless `raw` or the tokenizer has none."""
@@ -40,6 +50,7 @@ def generate(tuned: TunedModel, tokenizer: PreTrainedTokenizerBase, prompt: str,
 def chat(tuned: TunedModel, tokenizer: PreTrainedTokenizerBase, read: Callable[[str], str] = input,
          write: Callable[[str], None] = print, max_new_tokens: int = 256, temperature: float = 0.0) -> None:
     """A multi-turn conversation until EOF, 'exit' or 'quit'; '/reset' clears the history."""
+    _check_settings(max_new_tokens, temperature)  # before the user types, not after
     history: list[dict[str, str]] = []
     write("chat with the model; /reset clears the history, exit or Ctrl-D leaves")
     while True:

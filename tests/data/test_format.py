@@ -53,8 +53,9 @@ FIVE_TURNS = [{"role": "system", "content": "You are a small language model."},
 
 
 def test_two_turn_chat_labels_only_the_assistant_turn(tokenizer):
-    want = expected(tokenizer, [("<|im_start|>user\nWhat is two plus two?<|im_end|>\n<|im_start|>assistant\n", False),
-                                (f"It is four.{END}\n", True)])
+    want = expected(tokenizer, [
+        ("<|im_start|>user\nWhat is two plus two?<|im_end|>\n<|im_start|>assistant\n", False),
+        (f"It is four.{END}\n", True)])
     assert encode({"messages": TWO_TURNS}, tokenizer) == want
 
 
@@ -102,8 +103,8 @@ def test_text_records_learn_every_token_and_eos(tokenizer):
 def test_truncation_cuts_from_the_right_and_is_counted(tokenizer, tmp_path):
     short = {"prompt": "Hi", "completion": "It is four."}
     long = {"prompt": "Hi", "completion": "The capital of France is Paris. " * 3}
-    full_ids, full_labels = expected(tokenizer, [("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", False),
-                                                 (long["completion"] + f"{END}\n", True)])
+    full_ids, full_labels = expected(tokenizer, [
+        ("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", False), (long["completion"] + f"{END}\n", True)])
     limit = len(full_ids) - 7
     assert len(encode(short, tokenizer)[0]) <= limit
     examples, stats = tokenize_records(write_jsonl(tmp_path / "d.jsonl", [short, long]), tokenizer, limit)
