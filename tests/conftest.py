@@ -49,6 +49,15 @@ def build_model(arch: str = "llama", seed: int = 0) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(CONFIGS[arch]()).eval()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads and lose ~10x when other jobs share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tokenizer() -> PreTrainedTokenizerFast:
     return build_tokenizer()

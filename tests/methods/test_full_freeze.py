@@ -21,14 +21,6 @@ GPT2_BLOCK_BITFIT = ["ln_1.weight", "ln_1.bias", "attn.c_attn.bias", "attn.c_pro
                      "ln_2.weight", "ln_2.bias", "mlp.c_fc.bias", "mlp.c_proj.bias"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads and lose ~10x when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def trainable(tuned: lmtune.TunedModel) -> set[str]:
     return {name for name, p in tuned.model.named_parameters() if p.requires_grad}

@@ -27,14 +27,6 @@ RANDOM = {"name": "lora", "r": 4, "alpha": 8, "init": "random"}
 LAYER1_REGEX = r".*\.1\..*(_proj|c_attn|query_key_value)"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads and lose ~10x when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Two rows of 7 tokens; the second is right-padded by 2 (masked out, no loss)."""
