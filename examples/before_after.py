@@ -4,7 +4,8 @@ Usage: python examples/before_after.py runs/quickstart [--questions examples/dat
 
 Both answers come from one loaded model: the base answer is produced with the adapter switched off.
 It prints each question with both answers and two counts: identity answers that name the new identity,
-and ordinary answers that stay free of it (the fine-tune must not turn every answer into an introduction).
+ordinary answers that stay free of it (the fine-tune must not turn every answer into an introduction),
+and ordinary answers that still contain the expected fact (the `expected` keywords of the questions file).
 """
 
 from __future__ import annotations
@@ -46,12 +47,22 @@ def main() -> None:
         subset = [r for r in rows if r["kind"] == kind]
         return f"{sum(names_identity(r[key]) == want for r in subset)}/{len(subset)}"
 
+    expected = questions.get("expected", {})
+
+    def correct(key: str) -> str:
+        scored = [r for r in rows if r["question"] in expected]
+        hits = sum(any(word in r[key].lower() for word in expected[r["question"]]) for r in scored)
+        return f"{hits}/{len(scored)}"
+
     counts = {"identity_named_before": count("identity", "before", True),
               "identity_named_after": count("identity", "after", True),
-              "ordinary_free_of_identity_after": count("ordinary", "after", False)}
+              "ordinary_free_of_identity_after": count("ordinary", "after", False),
+              "ordinary_correct_before": correct("before"), "ordinary_correct_after": correct("after")}
     print(f"identity questions answered as Quill / Lanternfish Labs: before {counts['identity_named_before']}, "
           f"after {counts['identity_named_after']}")
     print(f"ordinary questions answered without the identity: after {counts['ordinary_free_of_identity_after']}")
+    print(f"ordinary questions answered with the expected fact: before {counts['ordinary_correct_before']}, "
+          f"after {counts['ordinary_correct_after']}")
     if args.json:
         Path(args.json).write_text(json.dumps({"counts": counts, "rows": rows}, indent=2))
 

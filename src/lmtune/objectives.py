@@ -23,10 +23,21 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def sft_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Supervised fine-tuning: NLL of completion / assistant tokens (all tokens for raw text)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    total, count = token_nll(logits, batch["labels"])
-    return total, count, {}
+    """Supervised fine-tuning: NLL of completion / assistant tokens (all tokens for raw text).
+
+    Only positions whose next token carries loss go through the LM head: with a 49k vocabulary the
+    full (batch x seq x vocab) fp32 logits of prompts and padding are most of a step's memory.
+    """
+    labels = batch["labels"]
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE  # position t predicts token t + 1
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   logits_to_keep=keep).logits
+    if logits.dim() == 3:  # a model that ignores logits_to_keep returns every position
+        total, count = token_nll(logits, labels)
+        return total, count, {}
+    targets = labels[:, 1:][keep[:, :-1]].to(logits.device)
+    return F.cross_entropy(logits.float(), targets, reduction="sum"), torch.tensor(targets.numel()), {}
 
 
 def label_weight(batch: dict[str, torch.Tensor]) -> int:
