@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -26,7 +26,6 @@ class TokenStats:
     tokens_cut: int = 0
     dropped_no_labels: int = 0
     label_tokens: int = 0
-    notes: list[str] = field(default_factory=list)
 
 
 def tokenize_records(path: str, tokenizer: PreTrainedTokenizerBase, max_length: int,
