@@ -43,7 +43,7 @@ def test_sft_loss_equals_full_logit_cross_entropy(arch: str) -> None:
     batch = _batch()
     total, count, _ = sft_loss(tuned, batch)
     expected, expected_count = _by_hand(tuned, batch)
-    assert int(count) == expected_count == 2 * 5 + 1
+    assert int(count) == expected_count == 5 + 2 + 1  # rows: 5 completion tokens, 2 before the pads, 1
     torch.testing.assert_close(total, expected, atol=1e-4, rtol=1e-6)
     grads = torch.autograd.grad(total, [p for p in tuned.parameters() if p.requires_grad])
     expected_grads = torch.autograd.grad(expected, [p for p in tuned.parameters() if p.requires_grad])

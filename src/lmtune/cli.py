@@ -51,34 +51,44 @@ def _load_target(args: argparse.Namespace):
     return apply(model, "full", base_name=args.model), tokenizer
 
 
-def _run(args: argparse.Namespace) -> None:
-    if args.command == "train":
-        from lmtune.config import load_config
+def _train(args: argparse.Namespace) -> None:
+    from lmtune.config import load_config
 
-        config, overrides = args.config, list(args.overrides)
-        if config is not None and "=" in config and not os.path.exists(config):
-            config, overrides = None, [config, *overrides]  # overrides only, no YAML
-        cfg = load_config(config, overrides)  # config mistakes surface before the slow training imports
-        from lmtune.train import run
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not os.path.exists(config):
+        config, overrides = None, [config, *overrides]  # overrides only, no YAML
+    cfg = load_config(config, overrides)  # config mistakes surface before the slow training imports
+    from lmtune.train import run
 
-        summary = run(cfg)
-        print(f"done: {summary['steps']} steps, final loss {summary['loss']:.4f}"
-              + (f", eval loss {summary['eval_loss']:.4f}" if "eval_loss" in summary else ""))
-    elif args.command in ("generate", "chat"):
-        from lmtune.inference import chat, generate
+    summary = run(cfg)
+    print(f"done: {summary['steps']} steps, final loss {summary['loss']:.4f}"
+          + (f", eval loss {summary['eval_loss']:.4f}" if "eval_loss" in summary else ""))
 
-        tuned, tokenizer = _load_target(args)
-        if args.command == "generate":
-            print(generate(tuned, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.raw))
-        elif not tokenizer.chat_template:
-            raise LmtuneError("this model's tokenizer has no chat template; use lmtune generate --raw instead")
-        else:
-            chat(tuned, tokenizer, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
-    elif args.command == "merge":
-        from lmtune.checkpoint import merge_to
 
-        merge_to(args.run_dir, args.out)
-        print(f"merged model written to {args.out}")
+def _generate(args: argparse.Namespace) -> None:
+    from lmtune.inference import generate
+
+    tuned, tokenizer = _load_target(args)
+    print(generate(tuned, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.raw))
+
+
+def _chat(args: argparse.Namespace) -> None:
+    from lmtune.inference import chat
+
+    tuned, tokenizer = _load_target(args)
+    if not tokenizer.chat_template:
+        raise LmtuneError("this model's tokenizer has no chat template; use lmtune generate --raw instead")
+    chat(tuned, tokenizer, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+
+
+def _merge(args: argparse.Namespace) -> None:
+    from lmtune.checkpoint import merge_to
+
+    merge_to(args.run_dir, args.out)
+    print(f"merged model written to {args.out}")
+
+
+COMMANDS = {"train": _train, "generate": _generate, "chat": _chat, "merge": _merge}
 
 
 def _quiet_libraries() -> None:
@@ -96,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser(argv).parse_args(argv)
     try:
         _quiet_libraries()
-        _run(args)
+        COMMANDS[args.command](args)
     except LmtuneError as err:
         print(f"lmtune: error: {err}", file=sys.stderr)
         return 2
