@@ -49,6 +49,20 @@ def build_model(arch: str = "llama", seed: int = 0) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(CONFIGS[arch]()).eval()
 
 
+def trainable(tuned) -> set[str]:
+    """Names of the parameters that train."""
+    return {name for name, p in tuned.model.named_parameters() if p.requires_grad}
+
+
+def logits(model: torch.nn.Module) -> torch.Tensor:
+    """Logits on a fixed random batch with one right-padded row."""
+    ids = torch.randint(3, 300, (2, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_thread():
     """Tiny models gain nothing from intra-op threads and lose ~10x when other jobs share the cores."""

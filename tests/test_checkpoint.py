@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import lmtune
-from conftest import build_model
+from conftest import build_model, logits, trainable
 from lmtune.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, RUN_INFO, merge_to, save
 
 RANDOM = {"name": "lora", "r": 4, "alpha": 8, "init": "random"}
@@ -22,20 +22,10 @@ ATOL = 1e-5
 
 
 
-def logits(model: torch.nn.Module) -> torch.Tensor:
-    ids = torch.randint(3, 300, (2, 7), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones_like(ids)
-    mask[1, 5:] = 0
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask).logits
-
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, atol=ATOL, rtol=0)
 
-
-def trainable(tuned: lmtune.TunedModel) -> set[str]:
-    return {name for name, p in tuned.model.named_parameters() if p.requires_grad}
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import lmtune
-from conftest import ARCHS, build_model
+from conftest import ARCHS, build_model, logits, trainable
 from lmtune.checkpoint import save
 
 LAST_BLOCK = {"llama": "model.layers.1.", "qwen2": "model.layers.1.", "mistral": "model.layers.1.",
@@ -22,16 +22,6 @@ GPT2_BLOCK_BITFIT = ["ln_1.weight", "ln_1.bias", "attn.c_attn.bias", "attn.c_pro
 
 
 
-def trainable(tuned: lmtune.TunedModel) -> set[str]:
-    return {name for name, p in tuned.model.named_parameters() if p.requires_grad}
-
-
-def logits(model: torch.nn.Module) -> torch.Tensor:
-    ids = torch.randint(3, 300, (2, 7), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones_like(ids)
-    mask[1, 5:] = 0
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask).logits
 
 
 # --- what trains -----------------------------------------------------------------------------------
