@@ -9,12 +9,12 @@ import re
 
 import pytest
 import torch
+from conftest import build_model, logits, trainable
 from peft import PeftConfig
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import lmtune
-from conftest import build_model, logits, trainable
 from lmtune.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, RUN_INFO, merge_to, save
 
 RANDOM = {"name": "lora", "r": 4, "alpha": 8, "init": "random"}

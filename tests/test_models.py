@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import lmtune.models as models
+from lmtune import models
 from lmtune.errors import LmtuneError
 from lmtune.models import load_model
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+from conftest import ARCHS, build_model
 
 import lmtune
-from conftest import ARCHS, build_model
 from lmtune.objectives import sft_loss
-import pytest
 
 
 def _batch() -> dict[str, torch.Tensor]:
@@ -47,7 +47,7 @@ def test_sft_loss_equals_full_logit_cross_entropy(arch: str) -> None:
     torch.testing.assert_close(total, expected, atol=1e-4, rtol=1e-6)
     grads = torch.autograd.grad(total, [p for p in tuned.parameters() if p.requires_grad])
     expected_grads = torch.autograd.grad(expected, [p for p in tuned.parameters() if p.requires_grad])
-    for got, want in zip(grads, expected_grads):
+    for got, want in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 

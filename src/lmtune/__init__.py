@@ -15,7 +15,7 @@ _API = {
     "load": "lmtune.checkpoint",
     "train": "lmtune.train",
 }
-__all__ = sorted(_API)
+__all__ = list(_API)
 __version__ = "0.1.0"
 
 

@@ -6,7 +6,7 @@ by the step's total weight, so gradient accumulation is normalised by token coun
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

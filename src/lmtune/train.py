@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from accelerate import Accelerator
@@ -98,7 +99,7 @@ def run(cfg: RunConfig) -> dict:
              len(train_set), len(eval_set), stats.truncated, stats.tokens_cut, stats.dropped_no_labels)
     t = cfg.train
     accelerator = Accelerator(cpu=t.device == "cpu")
-    pad = lambda examples: collate(examples, tokenizer.pad_token_id)  # noqa: E731
+    pad = functools.partial(collate, pad_id=tokenizer.pad_token_id)
     loader = DataLoader(train_set, batch_size=t.batch_size, shuffle=True, collate_fn=pad,
                         generator=torch.Generator().manual_seed(t.seed))
     eval_loader = DataLoader(eval_set, batch_size=t.batch_size, collate_fn=pad) if eval_set else None

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import ARCHS, build_model, logits, trainable
 from transformers import AutoModelForCausalLM
 
 import lmtune
-from conftest import ARCHS, build_model, logits, trainable
 from lmtune.checkpoint import save
 
 LAST_BLOCK = {"llama": "model.layers.1.", "qwen2": "model.layers.1.", "mistral": "model.layers.1.",

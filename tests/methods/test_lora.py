@@ -10,13 +10,13 @@ import re
 
 import pytest
 import torch
+from conftest import ARCHS, build_model
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from transformers import PreTrainedModel
 
 import lmtune
-from conftest import ARCHS, build_model
 from lmtune.checkpoint import save
 from lmtune.methods.lora import LoraLinear
 

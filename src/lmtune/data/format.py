@@ -8,8 +8,9 @@ of turns <= i, so each turn's end-of-turn token is learned too.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
@@ -127,7 +128,7 @@ def tokenize(rendered: Rendered, tokenizer: PreTrainedTokenizerBase) -> tuple[li
     """(input_ids, labels): a token carries loss when it starts inside a span."""
     enc = tokenizer(rendered.text, add_special_tokens=rendered.add_special_tokens, return_offsets_mapping=True)
     labels = []
-    for token, (start, end) in zip(enc["input_ids"], enc["offset_mapping"]):
+    for token, (start, end) in zip(enc["input_ids"], enc["offset_mapping"], strict=True):
         inside = end > start and any(a <= start < b for a, b in rendered.spans)
         labels.append(token if inside else IGNORE)
     return list(enc["input_ids"]), labels
