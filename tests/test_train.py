@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+import lmtune.train
 from lmtune.config import load_config
 from lmtune.errors import LmtuneError
 from lmtune.train import run
@@ -103,6 +104,22 @@ def test_same_seed_same_run(tmp_path, model_dir):
     assert losses("a") == losses("b")
     assert losses("a") != losses("c")
     a, b = (load_file(tmp_path / n / "adapter_model.safetensors") for n in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_model_loading_does_not_shift_the_seed(tmp_path, model_dir, monkeypatch):
+    """A first-use conversion draws random numbers while loading; the run must not depend on that."""
+    args = ["method.init=gaussian", "method.dropout=0.1", "train.steps=2", "train.batch_size=3"]
+    train(tmp_path, model_dir, "plain", *args)
+    real_load = lmtune.train.load_model
+
+    def load_drawing_random_numbers(*a, **k):
+        torch.randn(1000)
+        return real_load(*a, **k)
+
+    monkeypatch.setattr(lmtune.train, "load_model", load_drawing_random_numbers)
+    train(tmp_path, model_dir, "drawn", *args)
+    a, b = (load_file(tmp_path / n / "adapter_model.safetensors") for n in ("plain", "drawn"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

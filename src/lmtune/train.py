@@ -87,11 +87,12 @@ def evaluate_loss(model: torch.nn.Module, loader: DataLoader, objective) -> floa
 
 def run(cfg: RunConfig) -> dict:
     """Train as `cfg` says; returns a summary (also written to the run directory)."""
-    set_seed(cfg.train.seed)
     out = _check_output(cfg)
     model, tokenizer = load_model(cfg.model.name, cfg.model.dtype, cfg.model.trust_remote_code)
     # Data before anything is logged or written: a bad record fails as one line and leaves no directory.
     train_set, eval_set, stats = _load_data(cfg, tokenizer)
+    # Seeded after loading: a first-use conversion of the default model draws random numbers.
+    set_seed(cfg.train.seed)
     tuned = apply(model, cfg.method, base_name=cfg.model.name)
     _prepare_output(cfg, out)
     log.info(tuned.describe_parameters())
