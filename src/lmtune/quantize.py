@@ -41,6 +41,16 @@ def is_quantized(model: PreTrainedModel) -> bool:
     return bool(getattr(model, "is_quantized", False))
 
 
+def settings(model: PreTrainedModel) -> dict:
+    """How `model`'s base weights were quantized, as `load_weights` keywords ({} when they are not)."""
+    if not is_quantized(model):
+        return {}
+    q = model.config.quantization_config
+    if q.load_in_8bit:
+        return {"quantization": "8bit"}
+    return {"quantization": "4bit", "quant_type": q.bnb_4bit_quant_type, "double_quant": q.bnb_4bit_use_double_quant}
+
+
 def dequantize(model: PreTrainedModel) -> PreTrainedModel:
     """Replace the quantized layers by float ones holding the dequantized weights (what the adapter saw)."""
     if not is_quantized(model):
