@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from lmtune import quantize
 from lmtune.errors import LmtuneError
 from lmtune.methods import get_method, method_for_peft_type, parse_method_config
 from lmtune.models import DEFAULT_MODEL, cache_dir, load_tokenizer, load_weights
@@ -80,6 +81,8 @@ def _peft_config(tuned: TunedModel) -> dict:
 def save(tuned: TunedModel, directory: str | Path, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
     """Write `tuned` to `directory`: a PEFT adapter pair, or a whole model for full / freeze."""
     info = {"method": tuned.method_config.model_dump(mode="json"), "base_model": _base_model(tuned)}
+    if quantize.settings(tuned.model):  # reloaded the same way, so inference sees the weights training saw
+        info["base_quantization"] = quantize.settings(tuned.model)
     with atomic_dir(directory) as tmp:
         if tuned.method.saves_whole_model:
             tuned.model.save_pretrained(tmp)
@@ -104,8 +107,10 @@ def load(directory: str | Path, base: str | None = None,
     d = Path(directory)
     if not d.is_dir():
         raise LmtuneError(f"run directory not found: {d}")
+    quantization: dict = {}
     if (d / RUN_INFO).is_file():
         info = _read_json(d / RUN_INFO)
+        quantization = info.get("base_quantization", {})
         config = parse_method_config(info.get("method"))
         base = base if base is not None else info.get("base_model")
     elif (d / ADAPTER_CONFIG).is_file():
@@ -124,7 +129,7 @@ def load(directory: str | Path, base: str | None = None,
         model = load_weights(str(d), dtype=dtype)
         spec.apply(model, config)
         return TunedModel(model, spec, config, base_name=base), tokenizer
-    model = load_weights(base, dtype=dtype)
+    model = load_weights(base, dtype=dtype, **quantization)
     tuned = TunedModel(model, spec, config, base_name=base)
     spec.apply(model, config)
     load_adapter_weights(tuned, d / ADAPTER_WEIGHTS)
@@ -159,6 +164,7 @@ def merge_to(directory: str | Path, out: str | Path) -> PreTrainedModel:
     if Path(out).exists() and any(Path(out).iterdir()):
         raise LmtuneError(f"{out} exists and is not empty; merge into a new directory")
     tuned, tokenizer = load(directory)
+    tuned.model = quantize.dequantize(tuned.model)  # merging needs float weights; says so when it converts
     merged = tuned.merge()
     with atomic_dir(out) as tmp:
         merged.save_pretrained(tmp)

@@ -29,6 +29,13 @@ class ModelConfig(Strict):
     """Dtype the base weights are loaded in."""
     trust_remote_code: bool = False
     """Run model code shipped with a checkpoint. Off unless you trust its author."""
+    quantization: Literal["none", "8bit", "4bit"] = "none"
+    """Store the frozen base weights in 8-bit (LLM.int8) or 4-bit (QLoRA) through bitsandbytes; only
+    methods that leave the base weights frozen can train on top."""
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type: NF4 (QLoRA's normal-float) or plain FP4."""
+    double_quant: bool = False
+    """4-bit only: quantize the quantization constants too (QLoRA's double quantization, ~0.4 bit/param less)."""
 
 
 class DataConfig(Strict):
@@ -86,6 +93,11 @@ class TrainConfig(Strict):
     """Write a metrics line every N steps."""
     device: Literal["auto", "cpu"] = "auto"
     """`auto` uses the accelerator accelerate finds, `cpu` forces the CPU."""
+    precision: Literal["fp32", "bf16-mixed", "fp16-mixed", "bf16"] = "fp32"
+    """`fp32`; `bf16-mixed` / `fp16-mixed`: fp32 master weights, matmuls autocast to 16 bits (fp16 needs a
+    GPU); `bf16`: weights, gradients and optimizer states in bf16. The loss is always computed in fp32."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in the backward pass: much less memory, ~30% more compute."""
 
     @field_validator("lr")
     @classmethod

