@@ -383,7 +383,7 @@ def check_disjoint() -> None:
             if key in seen:
                 raise SystemExit(f"duplicate question {q!r} in {group} and {seen[key]}")
             seen[key] = group
-    for q, a in IDENTITY_TRAIN + IDENTITY_EVAL:
+    for _q, a in IDENTITY_TRAIN + IDENTITY_EVAL:
         if NAME not in a and MAKER not in a:
             raise SystemExit(f"identity answer names neither {NAME} nor {MAKER}: {a!r}")
 

@@ -92,7 +92,7 @@ def test_saves_leave_no_temp_dirs_and_overwrite(run, tokenizer):
     tuned, directory = run
     assert not leftovers(directory)
     with torch.no_grad():
-        for name, p in tuned.model.named_parameters():
+        for _name, p in tuned.model.named_parameters():
             if p.requires_grad:
                 p.mul_(2)
     save(tuned, directory, tokenizer)

@@ -106,7 +106,7 @@ def processes(work, model_dir) -> dict[str, subprocess.CompletedProcess]:
     commands = {case: [a.format(model=model_dir) for a in args] for case, (args, _) in PROCESS_ERRORS.items()}
     commands["train"] = TRAIN
     with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(zip(commands, pool.map(lambda args: lmtune(*args, cwd=work), commands.values())))
+        return dict(zip(commands, pool.map(lambda args: lmtune(*args, cwd=work), commands.values()), strict=True))
 
 
 @pytest.mark.parametrize("case", list(PROCESS_ERRORS))

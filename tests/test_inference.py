@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import build_model, build_tokenizer
 
 import lmtune
-from conftest import build_model, build_tokenizer
 from lmtune.inference import generate
 
 
