@@ -86,6 +86,11 @@ class TrainConfig(Strict):
     """Write a metrics line every N steps."""
     device: Literal["auto", "cpu"] = "auto"
     """`auto` uses the accelerator accelerate finds, `cpu` forces the CPU."""
+    save_every: int | None = 500
+    """Write a resumable checkpoint (weights, optimizer, scheduler, RNG, step) every N steps and at the end;
+    empty: only at the end."""
+    keep_checkpoints: int = 2
+    """How many of the latest resumable checkpoints to keep in `output_dir/checkpoints`."""
 
     @field_validator("lr")
     @classmethod
@@ -94,7 +99,8 @@ class TrainConfig(Strict):
             raise ValueError("must be > 0")
         return v
 
-    @field_validator("batch_size", "grad_accum", "log_every", "steps", "eval_every")
+    @field_validator("batch_size", "grad_accum", "log_every", "steps", "eval_every", "save_every",
+                     "keep_checkpoints")
     @classmethod
     def _positive_count(cls, v: int | None) -> int | None:
         if v is not None and v < 1:
@@ -116,7 +122,10 @@ class RunConfig(Strict):
     output_dir: str = "runs/latest"
     """Where the result, metrics and plots are written."""
     overwrite: bool = False
-    """Replace a finished run in `output_dir` instead of refusing."""
+    """Replace a finished run in `output_dir` instead of refusing (with `resume: never`, also an unfinished one)."""
+    resume: str = "auto"
+    """`auto`: continue from the latest checkpoint in `output_dir` when its run did not finish; `never`:
+    start over; or a checkpoint directory (`RUN/checkpoints/step-N`, or a run directory for its latest)."""
 
     @field_validator("model", mode="before")
     @classmethod

@@ -24,6 +24,8 @@ from lmtune.errors import LmtuneError
 from lmtune.models import load_model
 from lmtune.objectives import OBJECTIVES, label_weight
 from lmtune.plots import plot_loss
+from lmtune.resume import RunLock, Start, check_finite, check_lengths, prepare, restore, resume_point, run_lock
+from lmtune.resume import save_checkpoint as save_training_checkpoint
 from lmtune.tuned import TunedModel, apply
 
 log = logging.getLogger("lmtune")
@@ -36,8 +38,9 @@ def _check_output(cfg: RunConfig) -> Path:
     return out
 
 
-def _prepare_output(cfg: RunConfig, out: Path) -> None:
+def _prepare_output(cfg: RunConfig, out: Path, lock: RunLock) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    lock.acquire()  # before the first write: a second run must not touch a live run's files
     (out / RUN_INFO).unlink(missing_ok=True)  # an overwrite that dies must not pass for the old finished run
     (out / "metrics.jsonl").write_text("")
     (out / "config.yaml").write_text(dump_config(cfg))
@@ -87,14 +90,22 @@ def evaluate_loss(model: torch.nn.Module, loader: DataLoader, objective) -> floa
 
 def run(cfg: RunConfig) -> dict:
     """Train as `cfg` says; returns a summary (also written to the run directory)."""
+    with run_lock(Path(cfg.output_dir)) as lock:
+        return _run(cfg, lock)
+
+
+def _run(cfg: RunConfig, lock: RunLock) -> dict:
     out = _check_output(cfg)
+    source = resume_point(cfg, out)
     model, tokenizer = load_model(cfg.model.name, cfg.model.dtype, cfg.model.trust_remote_code)
     # Data before anything is logged or written: a bad record fails as one line and leaves no directory.
     train_set, eval_set, stats = _load_data(cfg, tokenizer)
+    check_lengths(train_set + eval_set, model)
     # Seeded after loading: a first-use conversion of the default model draws random numbers.
     set_seed(cfg.train.seed)
     tuned = apply(model, cfg.method, base_name=cfg.model.name)
-    _prepare_output(cfg, out)
+    _prepare_output(cfg, out, lock)
+    prepare(out, source)
     log.info(tuned.describe_parameters())
     log.info("data: %d train / %d eval examples, %d truncated (%d tokens cut), %d dropped with no labels",
              len(train_set), len(eval_set), stats.truncated, stats.tokens_cut, stats.dropped_no_labels)
@@ -109,10 +120,11 @@ def run(cfg: RunConfig) -> dict:
                                   weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, t.warmup_steps, steps, t.schedule))
+    start = restore(source, tuned, optimizer, scheduler)
     tuned, optimizer, loader = accelerator.prepare(tuned, optimizer, loader)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
-    summary = _loop(cfg, tuned, optimizer, scheduler, loader, eval_loader, steps, accelerator, out)
+    summary = _loop(cfg, tuned, optimizer, scheduler, loader, eval_loader, steps, accelerator, out, start)
     summary["data"] = asdict(stats)
     unwrapped: TunedModel = accelerator.unwrap_model(tuned)
     summary["trainable_params"], summary["total_params"] = unwrapped.trainable_parameters()
@@ -123,22 +135,27 @@ def run(cfg: RunConfig) -> dict:
     return summary
 
 
-def _loop(cfg, model, optimizer, scheduler, loader, eval_loader, steps, accelerator, out: Path) -> dict:
-    """The loop: forward, objective, backward over `grad_accum` micro-batches, clip, step, log, eval."""
+def _loop(cfg, model, optimizer, scheduler, loader, eval_loader, steps, accelerator, out: Path,
+          start: Start) -> dict:
+    """The loop: forward, objective, backward over `grad_accum` micro-batches, clip, step, log, eval, checkpoint."""
     t, objective = cfg.train, OBJECTIVES[cfg.task]
     metrics = (out / "metrics.jsonl").open("a") if accelerator.is_main_process else None
-    summary: dict = {"steps": steps}
+    summary: dict = {**start.summary, "steps": steps}
 
     def record(row: dict) -> None:
         if metrics:
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
 
-    if eval_loader is not None:
+    if eval_loader is not None and start.step == 0:
         summary["eval_loss_start"] = evaluate_loss(model, eval_loader, objective)
         record({"step": 0, "eval_loss": summary["eval_loss_start"]})
     batches, model_start = _batches(loader), time.perf_counter()
-    bar = tqdm(range(1, steps + 1), desc="train", disable=not accelerator.is_main_process, dynamic_ncols=True)
+    for _ in range(start.step * t.grad_accum):  # a resumed run replays the seeded data order to where it was
+        next(batches)
+    start.restore_rng()
+    bar = tqdm(range(start.step + 1, steps + 1), desc="train", disable=not accelerator.is_main_process,
+               dynamic_ncols=True, initial=start.step, total=steps)
     model.train()
     for step in bar:
         micro = [next(batches) for _ in range(t.grad_accum)]
@@ -151,6 +168,7 @@ def _loop(cfg, model, optimizer, scheduler, loader, eval_loader, steps, accelera
             step_loss += float(loss_sum.detach()) / weight
             tokens += int(batch["attention_mask"].sum())
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm) if t.max_grad_norm else None
+        check_finite(step_loss, None if grad_norm is None else float(grad_norm), step, out)
         lr = scheduler.get_last_lr()[0]  # the rate this step uses; after scheduler.step() it is the next one's
         optimizer.step()
         scheduler.step()
@@ -167,6 +185,9 @@ def _loop(cfg, model, optimizer, scheduler, loader, eval_loader, steps, accelera
             record({"step": step, "eval_loss": summary["eval_loss"]})
             bar.write(f"step {step}: eval loss {summary['eval_loss']:.4f}")
         summary["loss"] = step_loss
+        if accelerator.is_main_process and (step == steps or (t.save_every and step % t.save_every == 0)):
+            save_training_checkpoint(out, step, cfg, accelerator.unwrap_model(model), optimizer, scheduler,
+                                     {k: v for k, v in summary.items() if k != "steps"}, t.keep_checkpoints)
     summary["train_seconds"] = time.perf_counter() - model_start
     if metrics:
         metrics.close()
