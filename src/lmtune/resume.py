@@ -1,4 +1,4 @@
-"""Resumable training checkpoints, the run-directory lock, and the guards that keep a run's progress safe.
+"""Resumable training checkpoints, and the guards that keep a run's progress safe.
 
 A training checkpoint is `OUTPUT_DIR/checkpoints/step-NNNNNNNN/` holding everything the next step needs:
 every trainable parameter by name (`trainable.safetensors`; for full / freeze that is the whole model, for
@@ -11,15 +11,12 @@ a whole checkpoint or none; only safetensors and JSON are ever read back.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import os
 import random
 import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,63 +33,10 @@ from lmtune.errors import LmtuneError
 
 CHECKPOINTS = "checkpoints"
 STATE = "state.json"
-LOCK = ".lmtune.lock"
 _PREFIX = "step-"
 # Keys that may change between a run and its resumption: they do not change what is trained.
 _RESUMABLE_CHANGES = {"resume", "overwrite", "output_dir", "train.save_every", "train.keep_checkpoints",
                       "train.log_every", "train.eval_every", "train.device"}
-# Errors of the storage a run writes to, reported as one line instead of a traceback.
-_STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
-
-
-# ---- the lock: one live run per output directory -------------------------------------------------------
-
-class RunLock:
-    """An exclusive `fcntl` lock on `OUTPUT_DIR/.lmtune.lock`; the kernel drops it when the process dies."""
-
-    def __init__(self, out: Path) -> None:
-        self.out, self._file = out, None
-
-    def acquire(self) -> None:
-        if self._file is not None:
-            return
-        f = (self.out / LOCK).open("a+")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "unknown"
-            f.close()
-            raise LmtuneError(f"{self.out} is in use by a running lmtune process (pid {holder}); wait for it to "
-                              "finish or choose another output_dir") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
-        self._file = f
-
-    def release(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-
-@contextmanager
-def run_lock(out: Path) -> Iterator[RunLock]:
-    """Hold the lock of `out` for the block; taken at once if `out` exists, else when the run creates it."""
-    lock = RunLock(out)
-    try:
-        if out.is_dir():
-            lock.acquire()
-        yield lock
-    except OSError as err:
-        if err.errno in _STORAGE_ERRORS:
-            where = err.filename or out
-            raise LmtuneError(f"cannot write {where}: {err.strerror}; free disk space or choose a writable "
-                              "output_dir (earlier checkpoints are intact)") from None
-        raise
-    finally:
-        lock.release()
 
 
 # ---- where a run starts -------------------------------------------------------------------------------
@@ -196,10 +140,12 @@ class Start:
     rng: dict | None = None
     rng_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def restore_rng(self) -> None:
-        """Put every random generator where the interrupted run had it (after the data is replayed)."""
+    def replay(self, batches: Iterator, grad_accum: int) -> None:
+        """Draw the micro-batches the interrupted run had used, then put every RNG where that run had it."""
         if self.rng is None:
             return
+        for _ in range(self.step * grad_accum):
+            next(batches)
         torch.set_rng_state(self.rng_tensors["torch"])
         if torch.cuda.is_available():
             torch.cuda.set_rng_state_all([self.rng_tensors[f"cuda.{i}"] for i in range(torch.cuda.device_count())])
@@ -273,6 +219,15 @@ def save_checkpoint(out: Path, step: int, cfg: RunConfig, model: torch.nn.Module
     for old in checkpoints(out)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def save_if_due(out: Path, step: int, steps: int, cfg: RunConfig, accelerator: Any, model: torch.nn.Module,
+                optimizer: torch.optim.Optimizer, scheduler: Any, summary: dict) -> None:
+    """Checkpoint every `train.save_every` steps and after the last one (from the main process only)."""
+    every = cfg.train.save_every
+    if accelerator.is_main_process and (step == steps or (every and step % every == 0)):
+        save_checkpoint(out, step, cfg, accelerator.unwrap_model(model), optimizer, scheduler,
+                        {k: v for k, v in summary.items() if k != "steps"}, cfg.train.keep_checkpoints)
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:

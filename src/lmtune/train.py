@@ -24,8 +24,8 @@ from lmtune.errors import LmtuneError
 from lmtune.models import load_model
 from lmtune.objectives import OBJECTIVES, label_weight
 from lmtune.plots import plot_loss
-from lmtune.resume import RunLock, Start, check_finite, check_lengths, prepare, restore, resume_point, run_lock
-from lmtune.resume import save_checkpoint as save_training_checkpoint
+from lmtune.resume import Start, check_finite, check_lengths, prepare, restore, resume_point, save_if_due
+from lmtune.runlock import RunLock, run_lock
 from lmtune.tuned import TunedModel, apply
 
 log = logging.getLogger("lmtune")
@@ -151,9 +151,7 @@ def _loop(cfg, model, optimizer, scheduler, loader, eval_loader, steps, accelera
         summary["eval_loss_start"] = evaluate_loss(model, eval_loader, objective)
         record({"step": 0, "eval_loss": summary["eval_loss_start"]})
     batches, model_start = _batches(loader), time.perf_counter()
-    for _ in range(start.step * t.grad_accum):  # a resumed run replays the seeded data order to where it was
-        next(batches)
-    start.restore_rng()
+    start.replay(batches, t.grad_accum)  # a resumed run: the seeded data order up to its step, then its RNG
     bar = tqdm(range(start.step + 1, steps + 1), desc="train", disable=not accelerator.is_main_process,
                dynamic_ncols=True, initial=start.step, total=steps)
     model.train()
@@ -185,9 +183,7 @@ def _loop(cfg, model, optimizer, scheduler, loader, eval_loader, steps, accelera
             record({"step": step, "eval_loss": summary["eval_loss"]})
             bar.write(f"step {step}: eval loss {summary['eval_loss']:.4f}")
         summary["loss"] = step_loss
-        if accelerator.is_main_process and (step == steps or (t.save_every and step % t.save_every == 0)):
-            save_training_checkpoint(out, step, cfg, accelerator.unwrap_model(model), optimizer, scheduler,
-                                     {k: v for k, v in summary.items() if k != "steps"}, t.keep_checkpoints)
+        save_if_due(out, step, steps, cfg, accelerator, model, optimizer, scheduler, summary)
     summary["train_seconds"] = time.perf_counter() - model_start
     if metrics:
         metrics.close()
