@@ -7,6 +7,7 @@ prints them. Method options live in each method's own config class (see `methods
 from __future__ import annotations
 
 import difflib
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -95,8 +96,8 @@ class TrainConfig(Strict):
     @field_validator("lr")
     @classmethod
     def _positive_lr(cls, v: float) -> float:
-        if v <= 0:
-            raise ValueError("must be > 0")
+        if not 0 < v < math.inf:
+            raise ValueError("must be > 0 and finite")
         return v
 
     @field_validator("batch_size", "grad_accum", "log_every", "steps", "eval_every", "save_every",

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
@@ -33,6 +33,7 @@ from lmtune.errors import LmtuneError
 
 CHECKPOINTS = "checkpoints"
 STATE = "state.json"
+_TENSOR_FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors")
 _PREFIX = "step-"
 # Keys that may change between a run and its resumption: they do not change what is trained.
 _RESUMABLE_CHANGES = {"resume", "overwrite", "output_dir", "train.save_every", "train.keep_checkpoints",
@@ -71,6 +72,8 @@ def resume_point(cfg: RunConfig, out: Path) -> Path | None:
             source = found[-1]
     if source is not None:
         _check_same_run(cfg, source)
+        for name in _TENSOR_FILES:  # headers and sizes now, before anything is loaded or written
+            _unreadable(source / name, lambda path: safe_open(path, "pt").keys())
     return source
 
 
@@ -183,10 +186,13 @@ def _rng_files() -> tuple[dict[str, torch.Tensor], dict]:
 
 def _write(path: Path, data: bytes) -> None:
     """Write and fsync: errors such as a full disk surface here, not as a silently short file."""
-    with path.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with path.open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, str(path)) from None  # name the file in the message
 
 
 def save_checkpoint(out: Path, step: int, cfg: RunConfig, model: torch.nn.Module,
@@ -230,12 +236,16 @@ def save_if_due(out: Path, step: int, steps: int, cfg: RunConfig, accelerator: A
                         {k: v for k, v in summary.items() if k != "steps"}, cfg.train.keep_checkpoints)
 
 
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+def _unreadable(path: Path, read: Any) -> Any:
     try:
-        return load_bytes(path.read_bytes())
+        return read(path)
     except (OSError, SafetensorError) as err:
         raise LmtuneError(f"resume: cannot read {path} ({err}); resume from an earlier checkpoint "
                           "or start over with resume=never") from None
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return _unreadable(path, lambda p: load_bytes(p.read_bytes()))
 
 
 def restore(source: Path | None, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
