@@ -347,3 +347,17 @@ def test_output_directory_of_a_live_run(work, capfd):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_remote_code_runs_only_when_asked(work):
+    """The refusal above is the default; with model.trust_remote_code the checkpoint's own code is imported."""
+    from lmtune.models import load_weights
+
+    marker = Path(work["dir"]) / "REMOTE_CODE_RAN"
+    with pytest.raises(lmtune.LmtuneError, match="cannot load model"):
+        load_weights(work["remote_code"])
+    assert not marker.exists()
+    with pytest.raises(Exception):  # noqa: B017 - evil.py defines no classes; what matters is that it ran
+        load_weights(work["remote_code"], trust_remote_code=True)
+    assert marker.read_text() == "ran"
+    marker.unlink()
