@@ -28,7 +28,7 @@ class RunLock:
         self.out, self._file = out, None
 
     def acquire(self) -> None:
-        if self._file is not None:
+        if self._file is not None or os.environ.get("RANK", "0") != "0":  # one lock per run, not per process
             return
         path = self.out / LOCK
         while True:
