@@ -248,3 +248,24 @@ def test_resume_from_a_named_checkpoint(tmp_path, model_dir):
     assert curve(tmp_path / "a") == curve(tmp_path / "b")
     a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_weights_that_became_infinite_are_never_checkpointed(tmp_path, model_dir, monkeypatch):
+    """Unclipped infinite gradients with a finite loss: the poisoned step is refused at the checkpoint."""
+    objective = lmtune.train.OBJECTIVES["sft"]
+    calls = {"n": 0}
+
+    def infinite_gradients_on_step_2(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the first micro-batch of step 2
+            param = next(p for p in model.parameters() if p.requires_grad)
+            param.register_hook(lambda grad: grad * float("inf"))
+        return objective(model, batch)
+
+    monkeypatch.setitem(lmtune.train.OBJECTIVES, "sft", infinite_gradients_on_step_2)
+    cfg = config(tmp_path, model_dir, "run", *METHODS["lora"], "train.save_every=1", "train.max_grad_norm=",
+                 "data.eval_split=0.0")
+    with pytest.raises(LmtuneError, match=r"the weights became NaN or infinite at step 2; the last good "
+                                          r"checkpoint is .*step-00000001; lower train.lr"):
+        run(cfg)
+    assert [p.name for p in checkpoints(tmp_path / "run")] == ["step-00000001"]

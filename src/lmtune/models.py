@@ -112,7 +112,7 @@ def load_weights(name: str | None = None, dtype: str = "float32",
         model = AutoModelForCausalLM.from_pretrained(source, dtype=_DTYPES[dtype], use_safetensors=True,
                                                      trust_remote_code=trust_remote_code)
     except SafetensorError as err:
-        raise LmtuneError(f"cannot load model '{name}': its weights file is damaged ({_first_line(err)}); "
+        raise LmtuneError(f"cannot load model '{name or DEFAULT_MODEL}': its weights file is damaged ({_first_line(err)}); "
                           "copy or download the model again") from None
     except (OSError, ValueError, KeyError) as err:
         if any(Path(source).glob("*.bin")) and not any(Path(source).glob("*.safetensors")):

@@ -198,6 +198,10 @@ def _write(path: Path, data: bytes) -> None:
 def save_checkpoint(out: Path, step: int, cfg: RunConfig, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, scheduler: Any, summary: dict, keep: int) -> Path:
     """Write the resumable state after optimizer step `step` atomically, then keep only the last `keep`."""
+    weights = trainable_state(model)
+    if not all(bool(torch.isfinite(t).all()) for t in weights.values()):  # inf gradients, unclipped
+        raise LmtuneError(f"the weights became NaN or infinite at step {step}; {_last_good(out)}; "
+                          "lower train.lr, set train.max_grad_norm, or check the data")
     root = out / CHECKPOINTS
     root.mkdir(exist_ok=True)
     final = root / f"{_PREFIX}{step:08d}"
@@ -205,7 +209,7 @@ def save_checkpoint(out: Path, step: int, cfg: RunConfig, model: torch.nn.Module
     try:
         optim_tensors, optim_json = _optimizer_files(optimizer)
         rng_tensors, rng_json = _rng_files()
-        _write(tmp / "trainable.safetensors", save_bytes(trainable_state(model), metadata={"format": "pt"}))
+        _write(tmp / "trainable.safetensors", save_bytes(weights, metadata={"format": "pt"}))
         _write(tmp / "optimizer.safetensors", save_bytes(optim_tensors))
         _write(tmp / "rng.safetensors", save_bytes(rng_tensors))
         shutil.copyfile(out / "metrics.jsonl", tmp / "metrics.jsonl")
@@ -281,10 +285,14 @@ def check_finite(loss: float, grad_norm: float | None, step: int, out: Path) -> 
         grad_norm) else None
     if bad is None:
         return
-    found = checkpoints(out)
-    kept = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
     raise LmtuneError(f"the {bad} became {loss if bad == 'loss' else grad_norm} at step {step}; stopped before "
-                      f"updating the weights ({kept}); lower train.lr, set train.max_grad_norm, or check the data")
+                      f"updating the weights ({_last_good(out)}); lower train.lr, set train.max_grad_norm, "
+                      "or check the data")
+
+
+def _last_good(out: Path) -> str:
+    found = checkpoints(out)
+    return f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
 
 
 def position_limit(model: torch.nn.Module) -> int | None:
