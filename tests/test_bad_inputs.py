@@ -314,19 +314,19 @@ def test_nan_loss_through_the_command(work, capfd, monkeypatch):
     assert not any(k.startswith("diverged/checkpoints/step-00000002") for k in after)
 
 
-def test_file_size_limit_in_a_real_process(work):
-    """A real write failure (EFBIG from RLIMIT_FSIZE, as a full disk fails a write): one line, exit 2."""
-    def limit_file_size():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write instead of killing the process
-        resource.setrlimit(resource.RLIMIT_FSIZE, (64_000, 64_000))
-
-    args = [a.format(**work) for a in TRAIN] + ["output_dir=too_big", "method=full", "train.steps=1"]
-    result = subprocess.run([sys.executable, "-m", "lmtune.cli", *args], cwd=work["dir"], env=ENV, text=True,
-                            capture_output=True, preexec_fn=limit_file_size, timeout=600, check=False)
-    message = one_line_error(result.returncode, result.stderr, alone=False)
+def test_file_size_limit(work, capfd, monkeypatch):
+    """A real write failure from the kernel (EFBIG under RLIMIT_FSIZE, as a full disk fails a write)."""
+    monkeypatch.chdir(work["dir"])
+    limits, handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.getsignal(signal.SIGXFSZ)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write instead of killing the process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64_000, limits[1]))
+    try:
+        message, _, after = run_killed_at(work, "too_big", capfd, "method=full", "train.steps=1")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
     assert message.startswith("cannot write too_big/checkpoints/.tmp-step-00000001-") and "File too large" in message
-    root = Path(work["dir"]) / "too_big"
-    assert not (root / "lmtune.json").exists() and not list((root / "checkpoints").iterdir())
+    assert not any(k.startswith("too_big/checkpoints/") for k in after) and "too_big/lmtune.json" not in after
 
 
 def test_output_directory_of_a_live_run(work, capfd):
