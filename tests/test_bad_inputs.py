@@ -361,3 +361,23 @@ def test_remote_code_runs_only_when_asked(work):
         load_weights(work["remote_code"], trust_remote_code=True)
     assert marker.read_text() == "ran"
     marker.unlink()
+
+
+def test_merge_that_fails_midway_leaves_no_directory(work, capfd, monkeypatch):
+    """Disk full while the merged model is written: one line, and neither `--out` nor a temp directory left."""
+    from transformers import PreTrainedModel
+
+    w = Path(work["dir"])
+    monkeypatch.chdir(w)
+    real_save = PreTrainedModel.save_pretrained
+
+    def save_then_fail(self, directory, *args, **kwargs):
+        real_save(self, directory, *args, **kwargs)  # half of a merge's files are on disk by now
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", save_then_fail)
+    before = snapshot(w)
+    code, stderr = in_process(["merge", "run", "--out", "merged/model"], capfd)
+    assert one_line_error(code, stderr) == ("cannot write merged/model: No space left on device; free disk space "
+                                            "or choose a writable directory")
+    assert snapshot(w) == {**before, "merged": "dir"}  # the parent may stay; nothing inside it
