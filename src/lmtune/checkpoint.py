@@ -24,6 +24,7 @@ from lmtune import quantize
 from lmtune.errors import LmtuneError
 from lmtune.methods import get_method, method_for_peft_type, parse_method_config
 from lmtune.models import DEFAULT_MODEL, cache_dir, load_tokenizer, load_weights
+from lmtune.runlock import storage_problem
 from lmtune.tuned import TunedModel
 
 PEFT_PREFIX = "base_model.model."
@@ -166,7 +167,20 @@ def merge_to(directory: str | Path, out: str | Path) -> PreTrainedModel:
     tuned, tokenizer = load(directory)
     tuned.model = quantize.dequantize(tuned.model)  # merging needs float weights; says so when it converts
     merged = tuned.merge()
-    with atomic_dir(out) as tmp:
+    # Written beside `out` and renamed into place: a killed or failed merge leaves no `out` at all.
+    target = Path(out)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private; a model directory is shared like any other
+        os.rename(tmp, target)  # replaces an empty `out`, refuses a non-empty one
+    except Exception as err:
+        problem = storage_problem(err)
+        if problem is None:
+            raise
+        raise LmtuneError(f"cannot write {out}: {problem}; free disk space or choose a writable directory") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return merged

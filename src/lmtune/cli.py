@@ -6,12 +6,20 @@ import argparse
 import logging
 import os
 import sys
+from typing import NoReturn
 
 from lmtune.errors import LmtuneError
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are user errors too: one line, exit 2 (argparse prints the usage block as well)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"lmtune: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser(argv: list[str]) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lmtune", description="Fine-tune Hugging Face causal LMs.")
+    p = _Parser(prog="lmtune", description="Fine-tune Hugging Face causal LMs.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     epilog = None
     if "train" in argv and ("-h" in argv or "--help" in argv):  # importing every method costs seconds

@@ -7,6 +7,7 @@ prints them. Method options live in each method's own config class (see `methods
 from __future__ import annotations
 
 import difflib
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -98,15 +99,21 @@ class TrainConfig(Strict):
     GPU); `bf16`: weights, gradients and optimizer states in bf16. The loss is always computed in fp32."""
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in the backward pass: much less memory, ~30% more compute."""
+    save_every: int | None = 500
+    """Write a resumable checkpoint (weights, optimizer, scheduler, RNG, step) every N steps and at the end;
+    empty: only at the end."""
+    keep_checkpoints: int = 2
+    """How many of the latest resumable checkpoints to keep in `output_dir/checkpoints`."""
 
     @field_validator("lr")
     @classmethod
     def _positive_lr(cls, v: float) -> float:
-        if v <= 0:
-            raise ValueError("must be > 0")
+        if not 0 < v < math.inf:
+            raise ValueError("must be > 0 and finite")
         return v
 
-    @field_validator("batch_size", "grad_accum", "log_every", "steps", "eval_every")
+    @field_validator("batch_size", "grad_accum", "log_every", "steps", "eval_every", "save_every",
+                     "keep_checkpoints")
     @classmethod
     def _positive_count(cls, v: int | None) -> int | None:
         if v is not None and v < 1:
@@ -128,7 +135,10 @@ class RunConfig(Strict):
     output_dir: str = "runs/latest"
     """Where the result, metrics and plots are written."""
     overwrite: bool = False
-    """Replace a finished run in `output_dir` instead of refusing."""
+    """Replace a finished run in `output_dir` instead of refusing (with `resume: never`, also an unfinished one)."""
+    resume: str = "auto"
+    """`auto`: continue from the latest checkpoint in `output_dir` when its run did not finish; `never`:
+    start over; or a checkpoint directory (`RUN/checkpoints/step-N`, or a run directory for its latest)."""
 
     @field_validator("model", mode="before")
     @classmethod

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -116,9 +117,16 @@ def load_weights(name: str | None = None, dtype: str = "float32", trust_remote_c
             return _load_gguf(Path(source), _DTYPES[dtype])
         AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)  # clear errors before weights
         extra = {"quantization_config": quantized, "device_map": _quantized_device()} if quantized else {}
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=_DTYPES[dtype],
+        # use_safetensors: never unpickle a pytorch_model.bin, whoever made it.
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=_DTYPES[dtype], use_safetensors=True,
                                                      trust_remote_code=trust_remote_code, **extra)
+    except SafetensorError as err:
+        raise LmtuneError(f"cannot load model '{name or DEFAULT_MODEL}': its weights file is damaged ({_first_line(err)}); "
+                          "copy or download the model again") from None
     except (OSError, ValueError, KeyError) as err:
+        if any(Path(source).glob("*.bin")) and not any(Path(source).glob("*.safetensors")):
+            raise LmtuneError(f"{source} holds only pickle weights (.bin), which lmtune never loads (unpickling "
+                              "can run code); convert them to safetensors from a copy you trust") from None
         raise LmtuneError(f"cannot load model '{name or DEFAULT_MODEL}': {_first_line(err)}") from None
     return model.eval()
 

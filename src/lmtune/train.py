@@ -28,6 +28,8 @@ from lmtune.models import load_model
 from lmtune.objectives import OBJECTIVES, label_weight
 from lmtune.plots import plot_loss
 from lmtune.quantize import check_method
+from lmtune.resume import Start, check_finite, check_lengths, prepare, restore, resume_point, save_if_due
+from lmtune.runlock import RunLock, run_lock
 from lmtune.tuned import TunedModel, apply, enable_gradient_checkpointing
 
 log = logging.getLogger("lmtune")
@@ -40,8 +42,9 @@ def _check_output(cfg: RunConfig) -> Path:
     return out
 
 
-def _prepare_output(cfg: RunConfig, out: Path) -> None:
+def _prepare_output(cfg: RunConfig, out: Path, lock: RunLock) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    lock.acquire()  # before the first write: a second run must not touch a live run's files
     (out / RUN_INFO).unlink(missing_ok=True)  # an overwrite that dies must not pass for the old finished run
     (out / "metrics.jsonl").write_text("")
     (out / "config.yaml").write_text(dump_config(cfg))
@@ -117,7 +120,13 @@ def _accelerator(t: TrainConfig) -> Accelerator:
 
 def run(cfg: RunConfig) -> dict:
     """Train as `cfg` says; returns a summary (also written to the run directory)."""
+    with run_lock(Path(cfg.output_dir)) as lock:
+        return _run(cfg, lock)
+
+
+def _run(cfg: RunConfig, lock: RunLock) -> dict:
     out = _check_output(cfg)
+    source = resume_point(cfg, out)
     m, t = cfg.model, cfg.train
     check_method(cfg.method.name, get_method(cfg.method.name).saves_whole_model, m.quantization)
     accelerator = _accelerator(t)
@@ -127,13 +136,15 @@ def run(cfg: RunConfig) -> dict:
                                   quant_type=m.quant_type, double_quant=m.double_quant)
     # Data before anything is logged or written: a bad record fails as one line and leaves no directory.
     train_set, eval_set, stats = _load_data(cfg, tokenizer)
+    check_lengths(train_set + eval_set, model)
     # Seeded after loading: a first-use conversion of the default model draws random numbers.
     set_seed(cfg.train.seed)
     tuned = apply(model, cfg.method, base_name=cfg.model.name)
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(tuned)
     if accelerator.is_main_process:
-        _prepare_output(cfg, out)
+        _prepare_output(cfg, out, lock)
+        prepare(out, source)
     accelerator.wait_for_everyone()
     log.info(tuned.describe_parameters())
     log.info("data: %d train / %d eval examples, %d truncated (%d tokens cut), %d dropped with no labels",
@@ -150,9 +161,10 @@ def run(cfg: RunConfig) -> dict:
                                   weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, t.warmup_steps, steps, t.schedule))
+    start = restore(source, tuned, optimizer, scheduler)
     # The eval loader stays unsharded: every process scores the whole set, so the figure is exact.
     tuned, optimizer, loader = accelerator.prepare(tuned, optimizer, loader)
-    summary = _loop(cfg, tuned, optimizer, scheduler, loader, eval_loader, steps, accelerator, out)
+    summary = _loop(cfg, tuned, optimizer, scheduler, loader, eval_loader, steps, accelerator, out, start)
     summary["data"] = asdict(stats)
     summary["effective_batch"] = t.batch_size * t.grad_accum * world
     unwrapped: TunedModel = accelerator.unwrap_model(tuned)
@@ -165,11 +177,12 @@ def run(cfg: RunConfig) -> dict:
     return summary
 
 
-def _loop(cfg, model, optimizer, scheduler, loader, eval_loader, steps, accelerator, out: Path) -> dict:
-    """The loop: forward, objective, backward over `grad_accum` micro-batches, clip, step, log, eval."""
+def _loop(cfg, model, optimizer, scheduler, loader, eval_loader, steps, accelerator, out: Path,
+          start: Start) -> dict:
+    """The loop: forward, objective, backward over `grad_accum` micro-batches, clip, step, log, eval, checkpoint."""
     t, objective = cfg.train, OBJECTIVES[cfg.task]
     metrics = (out / "metrics.jsonl").open("a") if accelerator.is_main_process else None
-    summary: dict = {"steps": steps}
+    summary: dict = {**start.summary, "steps": steps}
     unwrapped = accelerator.unwrap_model(model)
 
     def evaluate() -> float:
@@ -181,16 +194,19 @@ def _loop(cfg, model, optimizer, scheduler, loader, eval_loader, steps, accelera
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
 
-    if eval_loader is not None:
+    if eval_loader is not None and start.step == 0:
         summary["eval_loss_start"] = evaluate()
         record({"step": 0, "eval_loss": summary["eval_loss_start"]})
     batches, model_start = _batches(loader), time.perf_counter()
-    bar = tqdm(range(1, steps + 1), desc="train", disable=not accelerator.is_main_process, dynamic_ncols=True)
+    start.replay(batches, t.grad_accum)  # a resumed run: the seeded data order up to its step, then its RNG
+    bar = tqdm(range(start.step + 1, steps + 1), desc="train", disable=not accelerator.is_main_process,
+               dynamic_ncols=True, initial=start.step, total=steps)
     model.train()
     for step in bar:
         started = time.perf_counter()
         step_loss, tokens = _accumulate(model, [next(batches) for _ in range(t.grad_accum)], objective, accelerator)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm) if t.max_grad_norm else None
+        check_finite(step_loss, None if grad_norm is None else float(grad_norm), step, out)
         lr = scheduler.get_last_lr()[0]  # the rate this step uses; after scheduler.step() it is the next one's
         optimizer.step()
         scheduler.step()
@@ -207,6 +223,7 @@ def _loop(cfg, model, optimizer, scheduler, loader, eval_loader, steps, accelera
             record({"step": step, "eval_loss": summary["eval_loss"]})
             bar.write(f"step {step}: eval loss {summary['eval_loss']:.4f}")
         summary["loss"] = step_loss
+        save_if_due(out, step, steps, cfg, accelerator, model, optimizer, scheduler, summary)
     summary["train_seconds"] = time.perf_counter() - model_start
     if metrics:
         metrics.close()
