@@ -10,11 +10,13 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from _cli import CHAT, in_process_cli
 from conftest import ARCHS, build_model, logits, trainable
 from safetensors.torch import load_file
 
 import lmtune
 from lmtune.checkpoint import save
+from lmtune.inference import generate
 from lmtune.methods.adapter import AdapterSite
 
 ATOL = 1e-5
@@ -237,3 +239,28 @@ def test_sites_matching_nothing_list_the_block_modules():
 def test_bad_options_are_one_line_errors(options):
     with pytest.raises(lmtune.LmtuneError, match="config: 'method"):
         lmtune.apply(build_model("llama"), {"name": "adapter", **options})
+
+
+# --- through the CLI (in process, as tests/test_cli.py does) ----------------------------------------
+MERGE_REFUSAL = ("lmtune: error: cannot merge 'adapter': bottleneck adapters are non-linear (h + W_up f(W_down h)), "
+                 "so they cannot be folded into the base weights; use the run directory itself (lmtune generate "
+                 "RUN_DIR)")
+
+
+@pytest.fixture
+def cli(capfd, monkeypatch, tmp_path):
+    yield from in_process_cli(capfd, monkeypatch, tmp_path)
+
+
+def test_trains_from_yaml_generates_and_merge_is_refused(cli, tmp_path, model_dir):
+    (tmp_path / "chat.jsonl").write_text(json.dumps(CHAT) + "\n")
+    (tmp_path / "run.yaml").write_text(f"model: {model_dir}\nmethod: {{name: adapter, bottleneck: 4}}\n"
+                                       "data: {train: chat.jsonl}\ntrain: {steps: 3, batch_size: 1, lr: 0.01}\n")
+    code, _, err = cli("train", "run.yaml", "output_dir=run")
+    assert code == 0, err
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < losses[0]
+    code, out, err = cli("generate", "run", "--prompt", "What is two plus two?", "--max-new-tokens", "4")
+    assert (code, out) == (0, generate(*lmtune.load(tmp_path / "run"), "What is two plus two?", 4) + "\n"), err
+    assert cli("merge", "run", "--out", "merged") == (2, "", MERGE_REFUSAL + "\n")
+    assert not (tmp_path / "merged").exists() or not any((tmp_path / "merged").iterdir())

@@ -6,16 +6,20 @@ comparison pass vacuously.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from _cli import CHAT, in_process_cli
 from conftest import ARCHS, build_model, logits, trainable
 from peft import IA3Config as PeftIA3Config
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict
 from peft.tuners.ia3 import IA3Layer
-from transformers import PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
 import lmtune
 from lmtune.checkpoint import save
+from lmtune.inference import generate
 from lmtune.methods.ia3 import IA3Linear
 
 ATOL = 1e-5
@@ -225,3 +229,28 @@ def test_unknown_architecture_names_the_options_to_set():
     tuned = lmtune.apply(model, {"name": "ia3", "target_modules": ["k_proj", "down_proj"],
                                  "feedforward_modules": ["down_proj"]})
     assert sum(wrapped(tuned).values()) == 2
+
+
+# --- through the CLI (in process, as tests/test_cli.py does) ----------------------------------------
+
+@pytest.fixture
+def cli(capfd, monkeypatch, tmp_path):
+    yield from in_process_cli(capfd, monkeypatch, tmp_path)
+
+
+def test_trains_from_yaml_generates_and_merges(cli, tmp_path, model_dir):
+    (tmp_path / "chat.jsonl").write_text(json.dumps(CHAT) + "\n")
+    (tmp_path / "run.yaml").write_text(f"model: {model_dir}\nmethod: ia3\n"
+                                       "data: {train: chat.jsonl}\ntrain: {steps: 3, batch_size: 1, lr: 0.05}\n")
+    code, _, err = cli("train", "run.yaml", "output_dir=run")
+    assert code == 0, err
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < losses[0]
+    code, out, err = cli("generate", "run", "--prompt", "What is two plus two?", "--max-new-tokens", "4")
+    assert (code, out) == (0, generate(*lmtune.load(tmp_path / "run"), "What is two plus two?", 4) + "\n"), err
+    code, _, err = cli("merge", "run", "--out", "merged")
+    assert code == 0, err
+    tuned, _ = lmtune.load(tmp_path / "run")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert_close(logits(merged), logits(tuned))
+    assert_differs(logits(merged), logits(AutoModelForCausalLM.from_pretrained(model_dir)))
