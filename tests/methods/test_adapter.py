@@ -173,6 +173,28 @@ def test_disabled_equals_base_and_switches_back():
     assert_differs(adapted, logits(build_model("gpt2")))
 
 
+def test_disabled_with_trained_norms_is_the_base_model_and_keeps_the_graph():
+    tuned = lmtune_adapter("llama")
+    with torch.no_grad():  # as if training had moved the norms
+        for name, p in tuned.model.named_parameters():
+            if name in norms("llama"):
+                p.mul_(1.5)
+    ids, mask, labels = batch()
+    tuned(ids, mask, labels).loss.backward()
+    expected = {name: p.grad.clone() for name, p in tuned.model.named_parameters() if p.requires_grad}
+    tuned.model.zero_grad()
+    adapted = logits(tuned)
+    loss = tuned(ids, mask, labels).loss  # a policy forward, then a reference pass, then the backward (DPO)
+    with tuned.disabled():
+        assert_close(logits(tuned), logits(build_model("llama")), atol=0)
+    loss.backward()
+    for name, p in tuned.model.named_parameters():
+        if p.requires_grad:
+            assert_close(p.grad, expected[name], atol=0)
+    assert_close(logits(tuned), adapted, atol=0)
+    assert_differs(adapted, logits(build_model("llama")))
+
+
 # --- checkpoints: our own format -------------------------------------------------------------------
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

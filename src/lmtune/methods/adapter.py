@@ -6,7 +6,8 @@ Update rule: at each adapter site the block's output h becomes h + W_up f(W_down
 with W_down: m x d, W_up: d x m (m, the bottleneck, much smaller than the width d), f a non-linearity;
 then the block adds its residual as before. Sites: `houlsby` puts one adapter after the attention output
 projection and one after the feed-forward block, both before the residual add; `pfeiffer` only the latter.
-What trains: the adapters and, with `train_norms`, every normalisation layer (as Houlsby did).
+What trains: the adapters and, with `train_norms`, every normalisation layer (as Houlsby did); a copy of the
+base norms is kept so that the disabled model is exactly the base model.
 Init: `identity` (W_down kaiming-uniform as in nn.Linear, W_up and biases zero: the untrained model is
 exactly the base model), `houlsby` (both truncated N(0, 1e-3^2) as in Houlsby's adapter-bert: near the
 identity), `random` (nn.Linear's default for both, for tests). Adapters are non-linear: no merge.
@@ -136,6 +137,38 @@ class AdapterSite(nn.Module):
         return self._adapt(out)
 
 
+class BaseNorms(nn.Module):
+    """The base values of the norm parameters that train, so `disabled` can run the true base model.
+
+    Switching swaps each parameter's `.data` (never writes in place), so a graph built before the switch still
+    backpropagates into the trained values: a DPO reference pass may sit between a policy forward and backward.
+    """
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        super().__init__()
+        self._params = params  # a plain list: they stay the norm layers' parameters, not this module's
+        for i, p in enumerate(params):
+            self.register_buffer(f"base_{i}", p.detach().clone(), persistent=False)
+        self._trained: list[torch.Tensor] | None = None
+
+    @property
+    def disabled(self) -> bool:
+        return self._trained is not None
+
+    @disabled.setter
+    def disabled(self, value: bool) -> None:
+        if value == self.disabled:
+            return
+        if value:
+            self._trained = [p.data for p in self._params]
+            for i, p in enumerate(self._params):
+                p.data = getattr(self, f"base_{i}")
+        else:
+            for p, trained in zip(self._params, self._trained, strict=True):
+                p.data = trained
+            self._trained = None
+
+
 def _site_patterns(model: nn.Module, cfg: AdapterConfig) -> list[str | list[str]]:
     attention, ffn = cfg.attention_output_modules, cfg.ffn_modules
     needs_attention = cfg.placement == "houlsby"
@@ -192,6 +225,8 @@ def apply(model: nn.Module, cfg: AdapterConfig) -> None:
         replace_module(model, name, site)
     for param in norms:
         param.requires_grad_(True)
+    if norms:
+        model.add_module("adapter_base_norms", BaseNorms(norms))
 
 
 def to_peft(cfg: AdapterConfig, model: nn.Module) -> dict:
