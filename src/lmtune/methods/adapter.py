@@ -17,7 +17,7 @@ Checkpoints: our own format, peft_type LMTUNE_ADAPTER (described in the README).
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import field_validator, model_validator
@@ -128,7 +128,7 @@ class AdapterSite(nn.Module):
         # Adapters stay fp32 on a bf16 base; with W_up = 0 the round trip returns h unchanged.
         return self.adapter(h.to(self.adapter.up.weight.dtype)).to(h.dtype)
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor | tuple:
         out = self.base_layer(*args, **kwargs)
         if self.disabled:
             return out
