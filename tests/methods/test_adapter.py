@@ -286,3 +286,14 @@ def test_trains_from_yaml_generates_and_merge_is_refused(cli, tmp_path, model_di
     assert (code, out) == (0, generate(*lmtune.load(tmp_path / "run"), "What is two plus two?", 4) + "\n"), err
     assert cli("merge", "run", "--out", "merged") == (2, "", MERGE_REFUSAL + "\n")
     assert not (tmp_path / "merged").exists() or not any((tmp_path / "merged").iterdir())
+
+
+def test_qwen3_sites_are_known():
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    config = Qwen3Config(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2, head_dim=8,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    tuned = lmtune.apply(AutoModelForCausalLM.from_config(config).eval(), {"name": "adapter", "init": "random"})
+    assert {name for name, m in tuned.model.named_modules() if isinstance(m, AdapterSite)} == {
+        f"model.layers.{i}.{site}" for i in range(LAYERS) for site in ("self_attn.o_proj", "mlp")}
