@@ -41,7 +41,7 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
             g.add_argument("--raw", action="store_true", help="send the prompt as plain text, no chat template")
         g.add_argument("--max-new-tokens", type=int, default=128 if name == "generate" else 256)
         g.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
-    m = sub.add_parser("merge", help="fold LoRA into the base weights", description="Merge a run into its base "
+    m = sub.add_parser("merge", help="fold LoRA / IA3 into the base weights", description="Merge a run into its base "
                        "weights and save a plain transformers model directory.")
     m.add_argument("run_dir")
     m.add_argument("--out", required=True, help="output directory for the merged model")

@@ -37,7 +37,8 @@ class Method:
     saves_whole_model: bool = False
     """Save a full transformers model directory instead of an adapter file pair."""
     peft_type: str | None = None
-    """PEFT's name for the method, when PEFT has it (its checkpoints are then interchangeable)."""
+    """PEFT's name for the method, when PEFT has it (its checkpoints are then interchangeable); for a format of
+    lmtune's own (bottleneck adapters: LMTUNE_ADAPTER), the type its adapter_config.json is recognised by."""
     to_peft: Callable[[Any, nn.Module], dict] | None = None
     """Method config -> the method-specific fields of PEFT's adapter_config.json."""
     from_peft: Callable[[dict], dict] | None = None

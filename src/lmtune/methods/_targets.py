@@ -36,6 +36,55 @@ DEFAULT_LORA_TARGETS: dict[str, list[str]] = {
     "stablelm": ["q_proj", "v_proj"],
 }
 
+# PEFT's default IA3 targets and, among them, the feed-forward modules whose input (not output) is scaled
+# (peft/utils/constants.py; causal-LM architectures and T5/BART).
+DEFAULT_IA3_TARGETS: dict[str, list[str]] = {
+    "llama": ["k_proj", "v_proj", "down_proj"],
+    "llama4": ["q_proj", "v_proj", "down_proj"],
+    "mistral": ["k_proj", "v_proj", "down_proj"],
+    "mixtral": ["k_proj", "v_proj", "w2"],
+    "qwen2": ["q_proj", "v_proj", "down_proj"],
+    "qwen3": ["q_proj", "v_proj", "down_proj"],
+    "gemma": ["q_proj", "v_proj", "down_proj"],
+    "gemma2": ["q_proj", "v_proj", "down_proj"],
+    "gemma3_text": ["q_proj", "v_proj", "down_proj"],
+    "phi": ["q_proj", "v_proj", "fc2"],
+    "opt": ["q_proj", "k_proj", "fc2"],
+    "gpt2": ["c_attn", "mlp.c_proj"],
+    "gpt_bigcode": ["c_attn", "mlp.c_proj"],
+    "gpt_neo": ["q_proj", "v_proj", "c_proj"],
+    "gpt_neox": ["query_key_value", "dense_4h_to_h"],
+    "gptj": ["q_proj", "v_proj", "fc_out"],
+    "bloom": ["query_key_value", "mlp.dense_4h_to_h"],
+    "falcon": ["query_key_value", "dense_4h_to_h"],
+    "t5": ["k", "v", "wo"],
+    "mt5": ["k", "v", "wi_1"],
+    "bart": ["q_proj", "v_proj", "fc2"],
+}
+DEFAULT_IA3_FEEDFORWARD: dict[str, list[str]] = {
+    "llama": ["down_proj"],
+    "llama4": ["down_proj"],
+    "mistral": ["down_proj"],
+    "mixtral": ["w2"],
+    "qwen2": ["down_proj"],
+    "qwen3": ["down_proj"],
+    "gemma": ["down_proj"],
+    "gemma2": ["down_proj"],
+    "gemma3_text": ["down_proj"],
+    "phi": ["fc2"],
+    "opt": ["fc2"],
+    "gpt2": ["mlp.c_proj"],
+    "gpt_bigcode": ["mlp.c_proj"],
+    "gpt_neo": ["c_proj"],
+    "gpt_neox": ["dense_4h_to_h"],
+    "gptj": ["fc_out"],
+    "bloom": ["mlp.dense_4h_to_h"],
+    "falcon": ["dense_4h_to_h"],
+    "t5": ["wo"],
+    "mt5": [],
+    "bart": ["fc2"],
+}
+
 LINEAR_TYPES = (nn.Linear, Conv1D)
 
 
