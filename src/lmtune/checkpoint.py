@@ -51,6 +51,8 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
 
 def adapter_state_dict(tuned: TunedModel) -> dict[str, torch.Tensor]:
     """What an adapter checkpoint holds: the trainable parameters, under PEFT's key names."""
+    if tuned.method.adapter_state is not None:
+        return tuned.method.adapter_state(tuned.model)
     return {PEFT_PREFIX + name: p.detach().contiguous().cpu()
             for name, p in tuned.model.named_parameters() if p.requires_grad}
 
@@ -137,6 +139,9 @@ def load_adapter_weights(tuned: TunedModel, path: Path) -> None:
         state = load_file(path)
     except (OSError, SafetensorError) as err:
         raise LmtuneError(f"{path}: cannot read adapter weights ({err})") from None
+    if tuned.method.load_adapter_state is not None:
+        tuned.method.load_adapter_state(tuned.model, state, str(path))
+        return
     params = dict(tuned.model.named_parameters())
     expected = {name for name, p in params.items() if p.requires_grad}
     found = {key.removeprefix(PEFT_PREFIX) for key in state}

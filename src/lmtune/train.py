@@ -93,7 +93,7 @@ def run(cfg: RunConfig) -> dict:
     train_set, eval_set, stats = _load_data(cfg, tokenizer)
     # Seeded after loading: a first-use conversion of the default model draws random numbers.
     set_seed(cfg.train.seed)
-    tuned = apply(model, cfg.method, base_name=cfg.model.name)
+    tuned = apply(model, cfg.method, base_name=cfg.model.name, tokenizer=tokenizer)
     _prepare_output(cfg, out)
     log.info(tuned.describe_parameters())
     log.info("data: %d train / %d eval examples, %d truncated (%d tokens cut), %d dropped with no labels",

@@ -31,16 +31,34 @@ class TunedModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, **kwargs: Any) -> CausalLMOutput:
         """Logits for the real tokens; `.loss` is the mean next-token NLL over labels != -100."""
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+        inputs, prepended = self._prepare({"input_ids": input_ids, "attention_mask": attention_mask, **kwargs})
+        logits = self.model(**inputs, use_cache=False).logits
+        if prepended and logits.dim() == 3 and logits.shape[1] == inputs["attention_mask"].shape[1]:
+            logits = logits[:, prepended:]  # the virtual tokens' own positions predict nothing
         loss = None
         if labels is not None:
-            total, count = token_nll(out.logits, labels)
+            total, count = token_nll(logits, labels)
             loss = total / count.clamp(min=1)
-        return CausalLMOutput(loss=loss, logits=out.logits)
+        return CausalLMOutput(loss=loss, logits=logits)
+
+    def _prepare(self, inputs: dict[str, Any]) -> tuple[dict[str, Any], int]:
+        """The method's input hook (prompt family), if it has one: inputs -> model kwargs, prepended count."""
+        if self.method.prepare_inputs is None:
+            return inputs, 0
+        return self.method.prepare_inputs(self.model, inputs)
 
     @torch.no_grad()
-    def generate(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self.model.generate(*args, **kwargs)
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 **kwargs: Any) -> torch.Tensor:
+        """transformers' `generate` (prompt + new tokens), through the method's input hook."""
+        if self.method.prepare_inputs is None:
+            return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        inputs, _ = self._prepare({"input_ids": input_ids, "attention_mask": attention_mask})
+        # generate derives the same positions from the extended mask, and extends them per new token.
+        inputs.pop("position_ids", None)
+        if "inputs_embeds" in inputs:  # decoding continues from ids; input_ids start the returned sequence
+            inputs["input_ids"] = input_ids
+        return self.model.generate(**inputs, **kwargs)
 
     @property
     def config(self) -> Any:
@@ -87,9 +105,15 @@ class TunedModel(nn.Module):
 
 
 def apply(model: PreTrainedModel, method: MethodConfig | str | dict = "lora",
-          base_name: str | None = None) -> TunedModel:
-    """Apply a method (name, mapping of options, or config object) to `model` in place."""
+          base_name: str | None = None, tokenizer: Any = None) -> TunedModel:
+    """Apply a method (name, mapping of options, or config object) to `model` in place.
+
+    `tokenizer`: the model's tokenizer, for methods that use one (prompt tuning's init from text).
+    """
     config = parse_method_config(method)
     spec = get_method(config.name)
-    spec.apply(model, config)
+    if spec.takes_tokenizer and tokenizer is not None:
+        spec.apply(model, config, tokenizer=tokenizer)
+    else:
+        spec.apply(model, config)
     return TunedModel(model, spec, config, base_name)
