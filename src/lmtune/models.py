@@ -18,6 +18,7 @@ import torch
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -106,9 +107,9 @@ def load_weights(name: str | None = None, dtype: str = "float32",
     try:
         if source.endswith(".gguf"):
             return _load_gguf(Path(source), _DTYPES[dtype])
-        AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)  # clear errors before weights
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=_DTYPES[dtype],
-                                                     trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)  # clear errors first
+        auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM  # T5 / BART
+        model = auto.from_pretrained(source, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as err:
         raise LmtuneError(f"cannot load model '{name or DEFAULT_MODEL}': {_first_line(err)}") from None
     return model.eval()

@@ -32,6 +32,9 @@ class TunedModel(nn.Module):
                 labels: torch.Tensor | None = None, **kwargs: Any) -> CausalLMOutput:
         """Logits for the real tokens; `.loss` is the mean next-token NLL over labels != -100."""
         inputs, prepended = self._prepare({"input_ids": input_ids, "attention_mask": attention_mask, **kwargs})
+        if self.model.config.is_encoder_decoder and labels is not None:  # T5 / BART: labels are the decoder's
+            out = self.model(**inputs, labels=labels, use_cache=False)
+            return CausalLMOutput(loss=out.loss, logits=out.logits)
         logits = self.model(**inputs, use_cache=False).logits
         if prepended and logits.dim() == 3 and logits.shape[1] == inputs["attention_mask"].shape[1]:
             logits = logits[:, prepended:]  # the virtual tokens' own positions predict nothing
@@ -56,7 +59,7 @@ class TunedModel(nn.Module):
         inputs, _ = self._prepare({"input_ids": input_ids, "attention_mask": attention_mask})
         # generate derives the same positions from the extended mask, and extends them per new token.
         inputs.pop("position_ids", None)
-        if "inputs_embeds" in inputs:  # decoding continues from ids; input_ids start the returned sequence
+        if "inputs_embeds" in inputs and not self.config.is_encoder_decoder:  # input_ids start the returned sequence
             inputs["input_ids"] = input_ids
         return self.model.generate(**inputs, **kwargs)
 

@@ -20,8 +20,8 @@ from typing import Any, Literal
 import torch
 from pydantic import field_validator
 from torch import nn
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+from transformers import DynamicCache, EncoderDecoderCache
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
 from lmtune.errors import LmtuneError
 from lmtune.methods import Method, register
@@ -61,12 +61,18 @@ class PTuningV2Config(VirtualTokenConfig):
 
 
 def geometry(model: nn.Module) -> tuple[int, int, int]:
-    """(layers, key/value heads, head dim) of the model's attention: what one layer's prefix is shaped by."""
-    config = model.config.get_text_config(decoder=True)
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return config.num_hidden_layers, kv_heads, head_dim
+    """(layers, key/value heads, head dim) of the (decoder's) self-attention: what one layer's prefix is shaped by."""
+    config = model.config
+    if not config.is_encoder_decoder:  # (BART's decoder view of its config loses the decoder_* fields)
+        config = config.get_text_config(decoder=True)
+
+    def first(*names: str) -> int | None:
+        return next((v for v in (getattr(config, n, None) for n in names) if v), None)
+
+    heads = first("decoder_attention_heads", "num_attention_heads")
+    kv_heads = first("num_key_value_heads") or heads
+    head_dim = first("head_dim", "d_kv") or config.hidden_size // heads
+    return first("num_decoder_layers", "decoder_layers", "num_hidden_layers"), kv_heads, head_dim
 
 
 def _cache_argument(model: nn.Module) -> str:
@@ -116,17 +122,18 @@ def apply_p_tuning_v2(model: nn.Module, cfg: PTuningV2Config) -> None:
     attach(model, VirtualTokens(embedding))
 
 
-def build_cache(model: nn.Module, table: torch.Tensor, batch: int, dtype: torch.dtype) -> DynamicCache:
+def build_cache(model: nn.Module, table: torch.Tensor, batch: int, dtype: torch.dtype) -> Cache:
     """A cache holding the prefix: row t of `table` is position t's keys and values, layer by layer (PEFT's order:
-    slot 2l is layer l's key, 2l + 1 its value)."""
+    slot 2l is layer l's key, 2l + 1 its value). Encoder-decoder models get it in the decoder's self-attention."""
     layers, kv_heads, head_dim = geometry(model)
     n = table.shape[0]
     kv = table.to(dtype).view(n, 2 * layers, kv_heads, head_dim).permute(1, 2, 0, 3)  # (2L, H, n, D)
-    cache = DynamicCache(config=model.config)
+    seq2seq = model.config.is_encoder_decoder
+    cache = DynamicCache() if seq2seq else DynamicCache(config=model.config)
     for layer in range(layers):
         keys, values = (kv[2 * layer + i].unsqueeze(0).expand(batch, -1, -1, -1) for i in (0, 1))
         cache.update(keys, values, layer)
-    return cache
+    return EncoderDecoderCache(cache, DynamicCache()) if seq2seq else cache
 
 
 def prepare_inputs(model: nn.Module, inputs: dict[str, Any]) -> tuple[dict[str, Any], int]:
@@ -143,6 +150,8 @@ def prepare_inputs(model: nn.Module, inputs: dict[str, Any]) -> tuple[dict[str, 
     check_position_room(model, n, length)
     dtype = model.get_input_embeddings().weight.dtype
     inputs[_cache_argument(model)] = build_cache(model, encoder(), batch, dtype)
+    if model.config.is_encoder_decoder:  # x's mask is the encoder's; the decoder sees its cache whole
+        return inputs, 0
     return extend_inputs(inputs, n, batch, length, shaped.device, in_sequence=False), 0
 
 

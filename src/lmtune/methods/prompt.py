@@ -141,6 +141,11 @@ def prepare_inputs(model: nn.Module, inputs: dict[str, Any]) -> tuple[dict[str, 
     check_position_room(model, n, length)
     prompts = encoder().to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
     inputs["inputs_embeds"] = torch.cat([prompts, embeds], dim=1)
+    if model.config.is_encoder_decoder:  # [P; x] is the encoder's input; the decoder's logits are all real
+        mask = inputs.get("attention_mask")
+        mask = torch.ones(batch, length, dtype=torch.long, device=embeds.device) if mask is None else mask
+        inputs["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], dim=1)
+        return inputs, 0
     return extend_inputs(inputs, n, batch, length, embeds.device, in_sequence=True), n
 
 
