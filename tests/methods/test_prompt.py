@@ -166,3 +166,24 @@ def test_a_sequence_past_the_position_limit_is_refused():
     ids = torch.randint(3, 300, (1, 127))
     with pytest.raises(LmtuneError, match="exceed the model's 128 positions"):
         model(input_ids=ids)
+
+
+@pytest.mark.parametrize("method", ["prompt", "p-tuning", "prefix", "p-tuning-v2"])
+def test_lmtune_train_runs_saves_and_generates(method, tmp_path, model_dir):
+    """The whole path: `lmtune train` (the objective's bool logits_to_keep), the saved run, `lmtune generate`."""
+    import json
+
+    from lmtune.config import load_config
+    from lmtune.inference import generate
+    from lmtune.train import run
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Colour {i}?", "completion": "red"}) + "\n" for i in range(8)))
+    cfg = load_config(None, [f"model.name={model_dir}", f"data.train={data}", f"output_dir={tmp_path / 'run'}",
+                             "train.device=cpu", f"method={method}", f"method.num_virtual_tokens={NVT}",
+                             "train.steps=2", "train.lr=0.1"])
+    summary = run(cfg)
+    assert summary["trainable_params"] > 0
+    loaded, tokenizer = lmtune.load(tmp_path / "run")
+    assert loaded.method.name == method
+    assert isinstance(generate(loaded, tokenizer, "Colour 9?", max_new_tokens=3), str)
