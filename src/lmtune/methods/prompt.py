@@ -2,8 +2,8 @@
 (Liu et al., 2021, https://arxiv.org/abs/2103.10385).
 
 Rule: the input becomes [P; x], P = `num_virtual_tokens` soft token embeddings; the model is frozen.
-Prompt tuning trains P itself. Init: `random` (N(0, 1), PEFT's default), `vocab` (embeddings of
-random vocabulary tokens) or `text` (embeddings of `init_text`, e.g. the class labels, repeated or
+Prompt tuning trains P itself. Init: `vocab` (embeddings of random vocabulary tokens, the default),
+`random` (N(0, 1), PEFT's default) or `text` (embeddings of `init_text`, e.g. the class labels, repeated or
 cut to length: the seed notes label init works best on small models).
 P-tuning trains embeddings E and uses P = encoder(E): an MLP (`Linear-ReLU-Linear-ReLU-Linear`) or a
 bidirectional LSTM followed by `Linear-ReLU-Linear`, as the paper and PEFT build them.
@@ -35,8 +35,9 @@ from lmtune.methods._virtual import (
 
 class PromptConfig(VirtualTokenConfig):
     name: Literal["prompt"] = "prompt"
-    init: Literal["random", "vocab", "text"] = "random"
-    """Initial soft tokens: `random` N(0, 1), `vocab` (random vocabulary tokens' embeddings) or `text`."""
+    init: Literal["random", "vocab", "text"] = "vocab"
+    """Initial soft tokens: `vocab` (random vocabulary tokens' embeddings: the model's own scale, which the paper
+    found better than random), `random` N(0, 1) (PEFT's default), or `text` (`init_text`)."""
     init_text: str | None = None
     """Text whose token embeddings start the prompt when init is `text` (repeated or cut to length)."""
 
