@@ -96,7 +96,9 @@ def check_cache(model: nn.Module) -> None:
 
 def check_gradient_checkpointing(model: nn.Module) -> None:
     """Raise when gradient checkpointing is on: the trainer may call it before training starts."""
-    if getattr(model, "is_gradient_checkpointing", False):
+    name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") \
+        else "is_gradient_checkpointing"  # renamed in transformers 5; the old name warns
+    if getattr(model, name, False):
         raise LmtuneError(GRADIENT_CHECKPOINTING_REFUSAL)
 
 
