@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import Cache, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
 from lmtune.errors import LmtuneError
@@ -57,11 +57,22 @@ class TunedModel(nn.Module):
         if self.method.prepare_inputs is None:
             return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         inputs, _ = self._prepare({"input_ids": input_ids, "attention_mask": attention_mask})
+        self._expand_caches(inputs, kwargs)
         # generate derives the same positions from the extended mask, and extends them per new token.
         inputs.pop("position_ids", None)
         if "inputs_embeds" in inputs and not self.config.is_encoder_decoder:  # input_ids start the returned sequence
             inputs["input_ids"] = input_ids
         return self.model.generate(**inputs, **kwargs)
+
+    def _expand_caches(self, inputs: dict[str, Any], kwargs: dict[str, Any]) -> None:
+        """generate repeats each row for beams / several samples, but not a cache it was given (a prefix)."""
+        config = self.model.generation_config
+        beams = kwargs.get("num_beams") or config.num_beams or 1
+        repeats = beams if beams > 1 else kwargs.get("num_return_sequences") or config.num_return_sequences or 1
+        if repeats > 1:
+            for value in inputs.values():
+                if isinstance(value, Cache):
+                    value.batch_repeat_interleave(repeats)
 
     @property
     def config(self) -> Any:

@@ -89,9 +89,10 @@ def assert_greedy_matches_teacher_forcing(arch: str, method: dict, new: int = 6)
         logits = model(input_ids=out, attention_mask=full_mask).logits
     assert torch.equal(logits[:, 6:-1].argmax(-1), out[:, 7:])
     # Sampling restricted to the top token is greedy decoding by another path through generate.
+    # Two samples per prompt: generate repeats the rows, and the method's prefix cache must follow.
     sampled = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=True, top_k=1,
-                             min_new_tokens=new, pad_token_id=0, use_cache=True)
-    assert torch.equal(sampled, out)
+                             min_new_tokens=new, pad_token_id=0, use_cache=True, num_return_sequences=2)
+    assert torch.equal(sampled, out.repeat_interleave(2, dim=0))
 
 
 def sft_batch() -> dict[str, torch.Tensor]:
