@@ -126,3 +126,14 @@ def test_training_with_labels_lowers_the_loss_and_round_trips(method, tmp_path):
     loaded, _ = lmtune.load(tmp_path / "run", base=str(tmp_path / "base"))
     with torch.no_grad():
         assert_close(loaded(**inputs()).logits, ours(**inputs()).logits)
+
+
+def test_a_peft_adapter_with_a_decoder_table_is_refused_with_one_line(tmp_path):
+    """PEFT's seq2seq default (num_transformer_submodules=2) adds a decoder prompt lmtune does not use."""
+    build("t5").save_pretrained(tmp_path / "base")
+    build_tokenizer().save_pretrained(tmp_path / "base")
+    get_peft_model(build("t5"), PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=NVT)).save_pretrained(
+        tmp_path / "adapter")
+    with pytest.raises(lmtune.LmtuneError, match="num_transformer_submodules=2") as err:
+        lmtune.load(tmp_path / "adapter", base=str(tmp_path / "base"))
+    assert "\n" not in str(err.value)

@@ -118,6 +118,14 @@ def extend_inputs(inputs: dict[str, Any], num_virtual: int, batch: int, length: 
     return inputs
 
 
+def check_peft_submodules(peft: dict) -> None:
+    """PEFT's seq2seq default keeps a second table for the decoder; lmtune's prompt family uses one."""
+    if (peft.get("num_transformer_submodules") or 1) != 1:
+        raise LmtuneError(f"this PEFT {peft.get('peft_type')} adapter has num_transformer_submodules="
+                          f"{peft['num_transformer_submodules']} (a second, decoder-side table); lmtune loads "
+                          "adapters saved with num_transformer_submodules=1")
+
+
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """PEFT's adapter file: one tensor, the rows the model uses (the encoder's output)."""
     with torch.no_grad():

@@ -25,6 +25,7 @@ from lmtune.methods._virtual import (
     VirtualTokens,
     adapter_state,
     attach,
+    check_peft_submodules,
     check_position_room,
     encoder_of,
     extend_inputs,
@@ -166,6 +167,7 @@ def prompt_to_peft(cfg: PromptConfig, model: nn.Module) -> dict:
 
 
 def prompt_from_peft(peft: dict) -> dict:
+    check_peft_submodules(peft)
     init = {v: k for k, v in _PEFT_INIT.items()}.get(str(peft.get("prompt_tuning_init")), "random")
     # The file holds the trained prompt; the init only mattered before training.
     return {"name": "prompt", "num_virtual_tokens": peft["num_virtual_tokens"],
@@ -179,6 +181,7 @@ def p_tuning_to_peft(cfg: PTuningConfig, model: nn.Module) -> dict:
 
 
 def p_tuning_from_peft(peft: dict) -> dict:
+    check_peft_submodules(peft)
     return {"name": "p-tuning", "num_virtual_tokens": peft["num_virtual_tokens"],
             "encoder": str(peft.get("encoder_reparameterization_type", "MLP")).lower(),
             "encoder_hidden_size": peft.get("encoder_hidden_size"),
