@@ -75,7 +75,8 @@ def _peft_config(tuned: TunedModel) -> dict:
     # Never `default_model_dir()` here: for a model that is not the default it would convert one (~30 s).
     base = _base_model(tuned) or getattr(tuned.model, "name_or_path", "") or None
     fields = spec.to_peft(tuned.method_config, tuned.model) if spec.to_peft else {}
-    return {"peft_type": spec.peft_type, "task_type": "SEQ_2_SEQ_LM" if tuned.model.config.is_encoder_decoder else "CAUSAL_LM", "base_model_name_or_path": base,
+    task = "SEQ_2_SEQ_LM" if tuned.model.config.is_encoder_decoder else "CAUSAL_LM"
+    return {"peft_type": spec.peft_type, "task_type": task, "base_model_name_or_path": base,
             "inference_mode": True, "revision": None, **fields}
 
 
