@@ -107,6 +107,7 @@ def test_merge_of_a_qlora_run_dequantizes_and_keeps_the_logits(tmp_path, model_d
     (["method=full", "model.quantization=4bit"], "method 'full' trains the base weights"),
     (["train.precision=fp16-mixed"], "fp16-mixed needs a CUDA GPU"),
     (["train.precision=bf16-mixed", "model.dtype=bfloat16"], "keeps fp32 master weights"),
+    (["method=prefix", "train.gradient_checkpointing=true"], "cannot train with gradient checkpointing"),
 ])
 def test_unsupported_combinations_are_refused(tmp_path, model_dir, extra, message):
     with pytest.raises(LmtuneError, match=message):

@@ -53,6 +53,8 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
 
 def adapter_state_dict(tuned: TunedModel) -> dict[str, torch.Tensor]:
     """What an adapter checkpoint holds: the trainable parameters, under PEFT's key names."""
+    if tuned.method.adapter_state is not None:
+        return tuned.method.adapter_state(tuned.model)
     return {PEFT_PREFIX + name: p.detach().contiguous().cpu()
             for name, p in tuned.model.named_parameters() if p.requires_grad}
 
@@ -75,7 +77,8 @@ def _peft_config(tuned: TunedModel) -> dict:
     # Never `default_model_dir()` here: for a model that is not the default it would convert one (~30 s).
     base = _base_model(tuned) or getattr(tuned.model, "name_or_path", "") or None
     fields = spec.to_peft(tuned.method_config, tuned.model) if spec.to_peft else {}
-    return {"peft_type": spec.peft_type, "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
+    task = "SEQ_2_SEQ_LM" if tuned.model.config.is_encoder_decoder else "CAUSAL_LM"
+    return {"peft_type": spec.peft_type, "task_type": task, "base_model_name_or_path": base,
             "inference_mode": True, "revision": None, **fields}
 
 
@@ -143,6 +146,9 @@ def load_adapter_weights(tuned: TunedModel, path: Path) -> None:
         state = load_file(path)
     except (OSError, SafetensorError) as err:
         raise LmtuneError(f"{path}: cannot read adapter weights ({err})") from None
+    if tuned.method.load_adapter_state is not None:
+        tuned.method.load_adapter_state(tuned.model, state, str(path))
+        return
     params = dict(tuned.model.named_parameters())
     expected = {name for name, p in params.items() if p.requires_grad}
     found = {key.removeprefix(PEFT_PREFIX) for key in state}

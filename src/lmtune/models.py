@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -115,11 +116,12 @@ def load_weights(name: str | None = None, dtype: str = "float32", trust_remote_c
                 raise LmtuneError("model.quantization needs a transformers model directory or hub id, not a GGUF "
                                   "file; convert it first (load it once and save_pretrained)")
             return _load_gguf(Path(source), _DTYPES[dtype])
-        AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)  # clear errors before weights
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)  # clear errors first
+        auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM  # T5 / BART
         extra = {"quantization_config": quantized, "device_map": _quantized_device()} if quantized else {}
         # use_safetensors: never unpickle a pytorch_model.bin, whoever made it.
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=_DTYPES[dtype], use_safetensors=True,
-                                                     trust_remote_code=trust_remote_code, **extra)
+        model = auto.from_pretrained(source, dtype=_DTYPES[dtype], use_safetensors=True,
+                                     trust_remote_code=trust_remote_code, **extra)
     except SafetensorError as err:
         raise LmtuneError(f"cannot load model '{name or DEFAULT_MODEL}': its weights file is damaged ({_first_line(err)}); "
                           "copy or download the model again") from None

@@ -139,7 +139,7 @@ def _run(cfg: RunConfig, lock: RunLock) -> dict:
     check_lengths(train_set + eval_set, model)
     # Seeded after loading: a first-use conversion of the default model draws random numbers.
     set_seed(cfg.train.seed)
-    tuned = apply(model, cfg.method, base_name=cfg.model.name)
+    tuned = apply(model, cfg.method, base_name=cfg.model.name, tokenizer=tokenizer)
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(tuned)
     if accelerator.is_main_process:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import Cache, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
 from lmtune.errors import LmtuneError
@@ -31,16 +31,48 @@ class TunedModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, **kwargs: Any) -> CausalLMOutput:
         """Logits for the real tokens; `.loss` is the mean next-token NLL over labels != -100."""
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+        inputs, prepended = self._prepare({"input_ids": input_ids, "attention_mask": attention_mask, **kwargs})
+        if self.model.config.is_encoder_decoder and labels is not None:  # T5 / BART: labels are the decoder's
+            out = self.model(**inputs, labels=labels, use_cache=False)
+            return CausalLMOutput(loss=out.loss, logits=out.logits)
+        logits = self.model(**inputs, use_cache=False).logits
+        if prepended and logits.dim() == 3 and logits.shape[1] == inputs["attention_mask"].shape[1]:
+            logits = logits[:, prepended:]  # the virtual tokens' own positions predict nothing
         loss = None
         if labels is not None:
-            total, count = token_nll(out.logits, labels)
+            total, count = token_nll(logits, labels)
             loss = total / count.clamp(min=1)
-        return CausalLMOutput(loss=loss, logits=out.logits)
+        return CausalLMOutput(loss=loss, logits=logits)
+
+    def _prepare(self, inputs: dict[str, Any]) -> tuple[dict[str, Any], int]:
+        """The method's input hook (prompt family), if it has one: inputs -> model kwargs, prepended count."""
+        if self.method.prepare_inputs is None:
+            return inputs, 0
+        return self.method.prepare_inputs(self.model, inputs)
 
     @torch.no_grad()
-    def generate(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self.model.generate(*args, **kwargs)
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 **kwargs: Any) -> torch.Tensor:
+        """transformers' `generate` (prompt + new tokens), through the method's input hook."""
+        if self.method.prepare_inputs is None:
+            return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        inputs, _ = self._prepare({"input_ids": input_ids, "attention_mask": attention_mask})
+        self._expand_caches(inputs, kwargs)
+        # generate derives the same positions from the extended mask, and extends them per new token.
+        inputs.pop("position_ids", None)
+        if "inputs_embeds" in inputs and not self.config.is_encoder_decoder:  # input_ids start the returned sequence
+            inputs["input_ids"] = input_ids
+        return self.model.generate(**inputs, **kwargs)
+
+    def _expand_caches(self, inputs: dict[str, Any], kwargs: dict[str, Any]) -> None:
+        """generate repeats each row for beams / several samples, but not a cache it was given (a prefix)."""
+        config = self.model.generation_config
+        beams = kwargs.get("num_beams") or config.num_beams or 1
+        repeats = beams if beams > 1 else kwargs.get("num_return_sequences") or config.num_return_sequences or 1
+        if repeats > 1:
+            for value in inputs.values():
+                if isinstance(value, Cache):
+                    value.batch_repeat_interleave(repeats)
 
     @property
     def config(self) -> Any:
@@ -87,11 +119,17 @@ class TunedModel(nn.Module):
 
 
 def apply(model: PreTrainedModel, method: MethodConfig | str | dict = "lora",
-          base_name: str | None = None) -> TunedModel:
-    """Apply a method (name, mapping of options, or config object) to `model` in place."""
+          base_name: str | None = None, tokenizer: Any = None) -> TunedModel:
+    """Apply a method (name, mapping of options, or config object) to `model` in place.
+
+    `tokenizer`: the model's tokenizer, for methods that use one (prompt tuning's init from text).
+    """
     config = parse_method_config(method)
     spec = get_method(config.name)
-    spec.apply(model, config)
+    if spec.takes_tokenizer and tokenizer is not None:
+        spec.apply(model, config, tokenizer=tokenizer)
+    else:
+        spec.apply(model, config)
     return TunedModel(model, spec, config, base_name)
 
 
@@ -102,6 +140,8 @@ def enable_gradient_checkpointing(tuned: TunedModel) -> None:
     (LoRA, IA3, ...) works without PEFT's `enable_input_require_grads` trick.
     """
     model = tuned.model
+    if tuned.method.gradient_checkpointing_refusal:
+        raise LmtuneError(f"{tuned.method.name}: {tuned.method.gradient_checkpointing_refusal}")
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise LmtuneError(f"{type(model).__name__} does not support gradient checkpointing; "
                           f"set train.gradient_checkpointing=false")

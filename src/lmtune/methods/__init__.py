@@ -46,6 +46,18 @@ class Method:
     merge: Callable[[nn.Module], nn.Module] | None = None
     """Fold the method into the base weights and return the plain transformers model."""
     merge_refusal: str = "this method cannot be merged into the base weights"
+    prepare_inputs: Callable[[nn.Module, dict[str, Any]], tuple[dict[str, Any], int]] | None = None
+    """The prompt family's input hook: forward kwargs -> the kwargs the transformers model gets, and how many
+    positions it prepended to the sequence (their logits are dropped). Forward, generate and the objectives
+    all go through it."""
+    adapter_state: Callable[[nn.Module], dict[str, Any]] | None = None
+    """The adapter file's tensors under PEFT's keys, when they are not simply the trainable parameters."""
+    load_adapter_state: Callable[[nn.Module, dict[str, Any], str], None] | None = None
+    """Load such a file's tensors into the applied method (the last argument names the file for errors)."""
+    takes_tokenizer: bool = False
+    """`apply` accepts `tokenizer=` (e.g. prompt tuning's init from text)."""
+    gradient_checkpointing_refusal: str | None = None
+    """Why this method cannot train with gradient checkpointing; None when it can."""
 
 
 _REGISTRY: dict[str, Method] = {}
