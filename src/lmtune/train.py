@@ -19,10 +19,12 @@ from tqdm.auto import tqdm
 
 from lmtune.checkpoint import RUN_INFO, save
 from lmtune.config import RunConfig, dump_config
-from lmtune.data import Example, TokenStats, collate, split, tokenize_records
+from lmtune.data import TokenStats, collate, collate_pairs
+from lmtune.data.pack import collate_packed, pack, packing_works
+from lmtune.data.pipeline import load_data
 from lmtune.errors import LmtuneError
 from lmtune.models import load_model
-from lmtune.objectives import OBJECTIVES, label_weight
+from lmtune.objectives import OBJECTIVES, dpo_loss, label_weight, real_tokens, sequence_logps, simpo_loss
 from lmtune.plots import plot_loss
 from lmtune.tuned import TunedModel, apply
 
@@ -43,14 +45,57 @@ def _prepare_output(cfg: RunConfig, out: Path) -> None:
     (out / "config.yaml").write_text(dump_config(cfg))
 
 
-def _load_data(cfg: RunConfig, tokenizer) -> tuple[list[Example], list[Example], TokenStats]:
-    d = cfg.data
-    train, stats = tokenize_records(d.train, tokenizer, d.max_length, d.prompt_format)
-    if d.eval is not None:
-        evals, _ = tokenize_records(d.eval, tokenizer, d.max_length, d.prompt_format)
-    else:
-        train, evals = split(train, d.eval_split, cfg.train.seed)
+PREFERENCE_TASKS = ("dpo", "simpo")
+
+
+def _load_data(cfg: RunConfig, tokenizer) -> tuple[list, list, TokenStats]:
+    if cfg.data.packing and cfg.task in PREFERENCE_TASKS:
+        raise LmtuneError(f"data.packing applies to sft and pretrain, not to task {cfg.task}; set data.packing=false")
+    train, evals, stats = load_data(cfg.data, tokenizer, cfg.task, cfg.train.seed)
+    if cfg.data.packing:
+        train, evals = pack(train, cfg.data.max_length), pack(evals, cfg.data.max_length)
     return train, evals, stats
+
+
+def _collate_fn(cfg: RunConfig, pad_id: int):
+    """Batches of pairs (preference tasks), of packed rows, or of padded examples."""
+    if cfg.task in PREFERENCE_TASKS:
+        return functools.partial(collate_pairs, pad_id=pad_id)
+    return functools.partial(collate_packed if cfg.data.packing else collate, pad_id=pad_id)
+
+
+def _objective(cfg: RunConfig):
+    p = cfg.preference
+    if cfg.task == "dpo":
+        return functools.partial(dpo_loss, beta=p.beta_for("dpo"), label_smoothing=p.label_smoothing)
+    if cfg.task == "simpo":
+        return functools.partial(simpo_loss, beta=p.beta_for("simpo"), gamma=p.gamma,
+                                 label_smoothing=p.label_smoothing)
+    return OBJECTIVES[cfg.task]
+
+
+def _check_packing(cfg: RunConfig, tuned: TunedModel) -> None:
+    if cfg.data.packing and not packing_works(tuned):
+        raise LmtuneError(f"data.packing: this model ({type(tuned.model).__name__}) attends across packed examples "
+                          "(it does not read restarting position ids as separate sequences); set data.packing=false")
+
+
+def can_switch_off(tuned: TunedModel) -> bool:
+    return any(hasattr(m, "disabled") for m in tuned.model.modules())
+
+
+@torch.no_grad()
+def attach_reference_logps(model: torch.nn.Module, pairs: list, collate_fn, batch_size: int, device) -> None:
+    """DPO with a method that changes the base weights: the reference log-probs of every pair, computed once
+    by the untrained model, travel with the pairs (no second model in memory)."""
+    model.eval()
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        batch = {k: v.to(device) for k, v in collate_fn(chunk).items()}
+        chosen, rejected = sequence_logps(model, batch)[0].chunk(2)
+        for pair, c, r in zip(chunk, chosen.tolist(), rejected.tolist(), strict=True):
+            pair.ref_logps = (c, r)
+    model.train()
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
@@ -74,15 +119,31 @@ def _batches(loader: DataLoader) -> Iterator[dict[str, torch.Tensor]]:
 
 
 @torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: DataLoader, objective) -> dict[str, float]:
+    """Mean loss and metrics per unit of weight (label token, or pair) over the whole loader."""
+    model.eval()
+    total, weight, sums = 0.0, 0, {}
+    for batch in loader:
+        loss_sum, count, metrics = objective(model, batch)
+        total, weight = total + float(loss_sum), weight + int(count)
+        for name, value in metrics.items():
+            sums[name] = sums.get(name, 0.0) + value
+    model.train()
+    return {"loss": total / max(weight, 1), **{name: v / max(weight, 1) for name, v in sums.items()}}
+
+
 def evaluate_loss(model: torch.nn.Module, loader: DataLoader, objective) -> float:
     """Mean loss per unit of weight (per label token for SFT) over the whole loader."""
-    model.eval()
-    total, weight = 0.0, 0
-    for batch in loader:
-        loss_sum, count, _ = objective(model, batch)
-        total, weight = total + float(loss_sum), weight + int(count)
-    model.train()
-    return total / max(weight, 1)
+    return evaluate(model, loader, objective)["loss"]
+
+
+def _eval_row(cfg: RunConfig, model: torch.nn.Module, loader: DataLoader, objective) -> dict[str, float]:
+    """`eval_loss` and the task's eval metrics (perplexity for pretrain, rewards and accuracies for preferences)."""
+    result = evaluate(model, loader, objective)
+    row = {f"eval_{name}": value for name, value in result.items()}
+    if cfg.task in ("pretrain", "sft"):
+        row["eval_perplexity"] = math.exp(min(result["loss"], 50.0))
+    return row
 
 
 def run(cfg: RunConfig) -> dict:
@@ -94,13 +155,16 @@ def run(cfg: RunConfig) -> dict:
     # Seeded after loading: a first-use conversion of the default model draws random numbers.
     set_seed(cfg.train.seed)
     tuned = apply(model, cfg.method, base_name=cfg.model.name)
+    _check_packing(cfg, tuned)
     _prepare_output(cfg, out)
     log.info(tuned.describe_parameters())
-    log.info("data: %d train / %d eval examples, %d truncated (%d tokens cut), %d dropped with no labels",
-             len(train_set), len(eval_set), stats.truncated, stats.tokens_cut, stats.dropped_no_labels)
+    log.info("data: %d train / %d eval %s, %d truncated (%d tokens cut), %d dropped with no labels%s",
+             len(train_set), len(eval_set), "packed rows" if cfg.data.packing else "examples", stats.truncated,
+             stats.tokens_cut, stats.dropped_no_labels,
+             f", {stats.skipped_bad} bad records skipped" if stats.skipped_bad else "")
     t = cfg.train
     accelerator = Accelerator(cpu=t.device == "cpu")
-    pad = functools.partial(collate, pad_id=tokenizer.pad_token_id)
+    pad = _collate_fn(cfg, tokenizer.pad_token_id)
     loader = DataLoader(train_set, batch_size=t.batch_size, shuffle=True, collate_fn=pad,
                         generator=torch.Generator().manual_seed(t.seed))
     eval_loader = DataLoader(eval_set, batch_size=t.batch_size, collate_fn=pad) if eval_set else None
@@ -112,6 +176,8 @@ def run(cfg: RunConfig) -> dict:
     tuned, optimizer, loader = accelerator.prepare(tuned, optimizer, loader)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
+    if cfg.task == "dpo" and not can_switch_off(accelerator.unwrap_model(tuned)):
+        attach_reference_logps(tuned, train_set + eval_set, pad, t.batch_size, accelerator.device)
     summary = _loop(cfg, tuned, optimizer, scheduler, loader, eval_loader, steps, accelerator, out)
     summary["data"] = asdict(stats)
     unwrapped: TunedModel = accelerator.unwrap_model(tuned)
@@ -123,9 +189,22 @@ def run(cfg: RunConfig) -> dict:
     return summary
 
 
+def _backward(model, objective, micro: list[dict], weight: int, accelerator) -> tuple[float, int, dict]:
+    """Gradients of one optimizer step's micro-batches; (loss, real tokens, metrics), each per unit of weight."""
+    step_loss, tokens, step_metrics = 0.0, 0, {}
+    for batch in micro:
+        loss_sum, _, metrics = objective(model, batch)
+        accelerator.backward(loss_sum / weight)
+        step_loss += float(loss_sum.detach()) / weight
+        tokens += real_tokens(batch)
+        for name, value in metrics.items():
+            step_metrics[name] = step_metrics.get(name, 0.0) + value / weight
+    return step_loss, tokens, step_metrics
+
+
 def _loop(cfg, model, optimizer, scheduler, loader, eval_loader, steps, accelerator, out: Path) -> dict:
     """The loop: forward, objective, backward over `grad_accum` micro-batches, clip, step, log, eval."""
-    t, objective = cfg.train, OBJECTIVES[cfg.task]
+    t, objective = cfg.train, _objective(cfg)
     metrics = (out / "metrics.jsonl").open("a") if accelerator.is_main_process else None
     summary: dict = {"steps": steps}
 
@@ -135,8 +214,9 @@ def _loop(cfg, model, optimizer, scheduler, loader, eval_loader, steps, accelera
             metrics.flush()
 
     if eval_loader is not None:
-        summary["eval_loss_start"] = evaluate_loss(model, eval_loader, objective)
-        record({"step": 0, "eval_loss": summary["eval_loss_start"]})
+        start = _eval_row(cfg, model, eval_loader, objective)
+        summary["eval_loss_start"], summary["eval_start"] = start["eval_loss"], start
+        record({"step": 0, **start})
     batches, model_start = _batches(loader), time.perf_counter()
     bar = tqdm(range(1, steps + 1), desc="train", disable=not accelerator.is_main_process, dynamic_ncols=True)
     model.train()
@@ -144,12 +224,8 @@ def _loop(cfg, model, optimizer, scheduler, loader, eval_loader, steps, accelera
         micro = [next(batches) for _ in range(t.grad_accum)]
         # Normalise by the step's label tokens, not per micro-batch: every token weighs the same.
         weight = max(sum(label_weight(b) for b in micro), 1)
-        step_loss, tokens, started = 0.0, 0, time.perf_counter()
-        for batch in micro:
-            loss_sum, _, _ = objective(model, batch)
-            accelerator.backward(loss_sum / weight)
-            step_loss += float(loss_sum.detach()) / weight
-            tokens += int(batch["attention_mask"].sum())
+        started = time.perf_counter()
+        step_loss, tokens, step_metrics = _backward(model, objective, micro, weight, accelerator)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm) if t.max_grad_norm else None
         lr = scheduler.get_last_lr()[0]  # the rate this step uses; after scheduler.step() it is the next one's
         optimizer.step()
@@ -159,13 +235,15 @@ def _loop(cfg, model, optimizer, scheduler, loader, eval_loader, steps, accelera
                "tokens_per_s": tokens / (time.perf_counter() - started)}
         if grad_norm is not None:
             row["grad_norm"] = float(grad_norm)
+        row.update(step_metrics)
         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
         if step % t.log_every == 0 or step == steps:
             record(row)
         if eval_loader is not None and (step == steps or (t.eval_every and step % t.eval_every == 0)):
-            summary["eval_loss"] = evaluate_loss(model, eval_loader, objective)
-            record({"step": step, "eval_loss": summary["eval_loss"]})
-            bar.write(f"step {step}: eval loss {summary['eval_loss']:.4f}")
+            evaluated = _eval_row(cfg, model, eval_loader, objective)
+            summary.update(evaluated)
+            record({"step": step, **evaluated})
+            bar.write(f"step {step}: " + ", ".join(f"{k.removeprefix('eval_')} {v:.4g}" for k, v in evaluated.items()))
         summary["loss"] = step_loss
     summary["train_seconds"] = time.perf_counter() - model_start
     if metrics:
