@@ -74,7 +74,7 @@ def tokenize_records(path: str, tokenizer: PreTrainedTokenizerBase, max_length: 
     stats, items, bad = TokenStats(), [], [] if skip_bad else None
     for where, record in read_records(path, bad):
         try:
-            item = _tokenize_one(record, tokenizer, opts, task, where)
+            item = tokenize_one(record, tokenizer, opts, task, where)
         except LmtuneError as err:
             if not skip_bad:
                 raise
@@ -102,7 +102,7 @@ def tokenize_records(path: str, tokenizer: PreTrainedTokenizerBase, max_length: 
     return kept, stats
 
 
-def _tokenize_one(record: dict, tokenizer: PreTrainedTokenizerBase, opts: RenderOptions, task: str,
+def tokenize_one(record: dict, tokenizer: PreTrainedTokenizerBase, opts: RenderOptions, task: str,
                   where: str) -> Example | Pair:
     keys = detect(record, where)
     if task in ("dpo", "simpo"):
