@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from jinja2.exceptions import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 from lmtune.errors import LmtuneError
@@ -73,7 +74,11 @@ def render_chat(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBa
                           "with data.prompt_format=plain")
 
     def render(turns: list[dict[str, str]], generation_prompt: bool) -> str:
-        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
+        try:  # transformers renders in jinja2's sandbox: a template cannot reach Python internals
+            return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
+        except TemplateError as err:
+            raise LmtuneError(f"{where}: the chat template failed on this record ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''})") from None
 
     learned = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= first]
     text = render(messages, False)

@@ -30,7 +30,7 @@ def read_records(path: str | Path, bad: list[str] | None = None) -> list[Record]
     except UnicodeDecodeError as err:
         raise LmtuneError(f"{p}: not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8") from None
     if not records:
-        raise LmtuneError(f"{p}: no records")
+        raise LmtuneError(f"{p}: all {len(bad)} records are bad (first: {bad[0]})" if bad else f"{p}: no records")
     for where, record in records:
         if not isinstance(record, dict):
             raise LmtuneError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
