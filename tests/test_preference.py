@@ -55,7 +55,7 @@ def test_dpo_loss_equals_trl_dpo_trainer(beta, tmp_path):
             m.disabled = True
     trl_batch, trl_loss = _trl_batch_and_loss(policy, reference, tokenizer, beta, tmp_path)
     with torch.no_grad():
-        total, pairs, metrics = dpo_loss(tuned, _as_our_batch(trl_batch), beta=beta)
+        total, pairs, _ = dpo_loss(tuned, _as_our_batch(trl_batch), beta=beta)
     assert int(pairs) == len(PAIRS)
     torch.testing.assert_close(total / pairs, trl_loss.float(), atol=1e-5, rtol=1e-5)
     assert trl_loss.item() != pytest.approx(0.6931, abs=1e-3)  # policy and reference really differ

@@ -7,7 +7,7 @@ import json
 
 import pytest
 from conftest import build_tokenizer
-from test_format import END, IGNORE, FIVE_TURNS, encode, expected, ids, write_jsonl
+from test_format import END, FIVE_TURNS, encode, expected, ids, write_jsonl
 
 from lmtune.config import load_config
 from lmtune.data import Pair, tokenize_records
@@ -49,9 +49,9 @@ def test_classification_renders_the_template_and_learns_the_label(tokenizer):
 def test_last_turn_only_learns_just_the_final_assistant_turn(tokenizer):
     got = encode({"messages": FIVE_TURNS}, tokenizer, RenderOptions(assistant_turns="last"))
     assert got == expected(tokenizer, [
-        ("<|im_start|>system\nYou are a small language model.<|im_end|>\n"
-         "<|im_start|>user\nWhat is two plus two?<|im_end|>\n<|im_start|>assistant\nIt is four.<|im_end|>\n"
-         "<|im_start|>user\nName three colors.<|im_end|>\n<|im_start|>assistant\n", False),
+        (("<|im_start|>system\nYou are a small language model.<|im_end|>\n"
+          "<|im_start|>user\nWhat is two plus two?<|im_end|>\n<|im_start|>assistant\nIt is four.<|im_end|>\n"
+          "<|im_start|>user\nName three colors.<|im_end|>\n<|im_start|>assistant\n"), False),
         (f"red, green and blue{END}\n", True)])
 
 

@@ -39,7 +39,7 @@ def preview(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, count: int = 3) 
     lines = [f"task {cfg.task}; text between {OPEN} and {CLOSE} is trained on"]
     sources = [("train", s) for s in cfg.data.train] + [("eval", s) for s in cfg.data.eval or ()]
     for role, source in sources:
-        items, stats = read_source(source, cfg.data, tokenizer, cfg.task)
+        _, stats = read_source(source, cfg.data, tokenizer, cfg.task)
         unit = "pairs" if cfg.task in ("dpo", "simpo") else "blocks" if cfg.task == "pretrain" else "examples"
         lines.append(f"\n{role} {source.path} (weight {source.weight:g}): {stats.examples} {unit}, "
                      f"{stats.tokens} tokens ({stats.label_tokens} trained on), {stats.truncated} truncated "
