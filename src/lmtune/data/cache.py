@@ -18,7 +18,7 @@ from lmtune.data import Example, Pair, TokenStats
 VERSION = 1  # bump when rendering or tokenising changes what a record becomes
 
 
-def _tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     vocab = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
     extra = json.dumps([type(tokenizer).__name__, tokenizer.chat_template, tokenizer.all_special_tokens,
@@ -26,8 +26,9 @@ def _tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256((vocab + extra).encode()).hexdigest()
 
 
-def cache_key(path: str, tokenizer: PreTrainedTokenizerBase, options: dict[str, Any]) -> str | None:
-    """None for data that is not a local file (hub datasets are cached by `datasets` itself)."""
+def cache_key(path: str, fingerprint: str, options: dict[str, Any]) -> str | None:
+    """None for data that is not a local file (hub datasets are cached by `datasets` itself).
+    `fingerprint`: `tokenizer_fingerprint(tokenizer)`, computed once per run (hashing a vocabulary takes a while)."""
     p = Path(path)
     if not p.is_file():
         return None
@@ -35,7 +36,7 @@ def cache_key(path: str, tokenizer: PreTrainedTokenizerBase, options: dict[str, 
     with p.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
-    digest.update(_tokenizer_fingerprint(tokenizer).encode())
+    digest.update(fingerprint.encode())
     digest.update(json.dumps({"version": VERSION, **options}, sort_keys=True).encode())
     return digest.hexdigest()[:32]
 

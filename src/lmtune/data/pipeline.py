@@ -37,7 +37,7 @@ def options(d: DataConfig) -> RenderOptions:
 
 
 def read_source(source: DataSource, d: DataConfig, tokenizer: PreTrainedTokenizerBase,
-                task: str) -> tuple[list, TokenStats]:
+                task: str, fingerprint: str | None = None) -> tuple[list, TokenStats]:
     """One source tokenised, from the cache when the same file, tokenizer and options were seen before."""
     opts = options(d)
     settings = {"task": task, "max_length": d.max_length, "skip_bad": d.skip_bad_records,
@@ -45,7 +45,10 @@ def read_source(source: DataSource, d: DataConfig, tokenizer: PreTrainedTokenize
                 "prompt_template": opts.prompt_template}
     from lmtune.models import cache_dir
 
-    key = token_cache.cache_key(source.path, tokenizer, settings) if d.cache else None
+    key = None
+    if d.cache:
+        fingerprint = fingerprint or token_cache.tokenizer_fingerprint(tokenizer)
+        key = token_cache.cache_key(source.path, fingerprint, settings)
     if key is not None and (hit := token_cache.load(cache_dir(), key)) is not None:
         log.info("data: %s tokenised before, read from the cache", source.path)
         return hit
@@ -62,13 +65,14 @@ def load_data(d: DataConfig, tokenizer: PreTrainedTokenizerBase, task: str,
     """(train, eval, train stats): each training source held out (when no eval data) and weighted."""
     use_chat_template(tokenizer, d.chat_template)
     train, evals, stats = [], [], TokenStats()
+    fingerprint = token_cache.tokenizer_fingerprint(tokenizer) if d.cache else None
     for i, source in enumerate(d.train):
-        items, source_stats = read_source(source, d, tokenizer, task)
+        items, source_stats = read_source(source, d, tokenizer, task, fingerprint)
         stats.add(source_stats)
         if d.eval is None:
             items, held = split(items, d.eval_split, seed)
             evals += held
         train += reweight(items, source.weight, seed + i)
     for source in d.eval or ():
-        evals += read_source(source, d, tokenizer, task)[0]
+        evals += read_source(source, d, tokenizer, task, fingerprint)[0]
     return train, evals, stats
