@@ -95,3 +95,13 @@ def test_data_preview_marks_the_learned_tokens_and_counts(tmp_path, model_dir, c
     assert "<|im_start|>user\nQ: Hello there<|im_end|>\n<|im_start|>assistant\n[[red<|im_end|>\n]]" in out
     assert "2 examples" in out and "1 bad records skipped" in out and "0 truncated" in out
     assert f"{data}:2: field 'completion' is missing" in out
+
+
+@pytest.mark.parametrize("name", ["sft", "instruction", "pretrain", "dpo", "simpo"])
+def test_every_example_config_loads_and_its_data_tokenises(name, tokenizer):
+    from lmtune.data.pipeline import load_data
+
+    cfg = load_config(f"examples/{name}.yaml", ["data.cache=false"])
+    assert cfg.task == name if name in ("pretrain", "dpo", "simpo") else cfg.task == "sft"
+    train, evals, stats = load_data(cfg.data, tokenizer, cfg.task, cfg.train.seed)
+    assert train and evals and stats.skipped_bad == stats.dropped_no_labels == 0
