@@ -55,7 +55,8 @@ class DataConfig(Strict):
     eval_split: float = 0.0
     """Fraction of the training records held out for evaluation when no `eval` file is given."""
     max_length: int = 1024
-    """Tokens per example; longer examples are cut from the right and counted."""
+    """Tokens per example (per block for pretrain, per row with packing); longer examples are cut from the
+    right and counted."""
     prompt_format: Literal["auto", "chat", "plain"] = "auto"
     """How prompt/completion records become text: the tokenizer's chat template (`chat`), plain
     concatenation (`plain`), or `auto` (chat when the tokenizer has a template)."""
@@ -103,7 +104,7 @@ class TrainConfig(Strict):
     epochs: float = 1.0
     """Passes over the training data when `steps` is empty."""
     batch_size: int = 4
-    """Examples per micro-batch."""
+    """Examples per micro-batch (pairs for dpo / simpo; rows of data.max_length with data.packing)."""
     grad_accum: int = 1
     """Micro-batches per optimizer step; the loss is normalised by the step's label tokens."""
     lr: float = 2e-4
