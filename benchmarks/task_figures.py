@@ -61,9 +61,9 @@ def packing(steps: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--only", nargs="*", default=["dpo", "pretrain", "packing"])
-    p.add_argument("--dpo-steps", type=int, default=80)
-    p.add_argument("--pretrain-steps", type=int, default=25)
-    p.add_argument("--packing-steps", type=int, default=8)
+    p.add_argument("--dpo-steps", type=int, default=60)
+    p.add_argument("--pretrain-steps", type=int, default=20)
+    p.add_argument("--packing-steps", type=int, default=6)
     p.add_argument("--set", nargs="*", default=[], help="overrides for every run (a dry run on a tiny model)")
     args = p.parse_args()
     EXTRA.extend(args.set)
