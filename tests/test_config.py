@@ -25,7 +25,7 @@ def error(path: str | None, *overrides: str) -> str:
 
 def test_defaults():
     cfg = load_config(None, ["data.train=d.jsonl"])
-    assert cfg.data.train == "d.jsonl"
+    assert [(s.path, s.weight) for s in cfg.data.train] == [("d.jsonl", 1.0)]
     assert (cfg.data.eval, cfg.data.eval_split, cfg.data.max_length, cfg.data.prompt_format) == (None, 0.0, 1024,
                                                                                                  "auto")
     assert (cfg.model.name, cfg.model.dtype, cfg.model.trust_remote_code) == (None, "float32", False)
@@ -117,7 +117,7 @@ def test_bad_files(tmp_path):
     assert error(bad).startswith(f"{bad}: line 3 is not valid YAML")
     listed = write(tmp_path, "- data\n- train\n")
     assert error(listed).startswith(f"{listed}: the top level must be a mapping")
-    assert load_config(write(tmp_path, ""), ["data.train=d.jsonl"]).data.train == "d.jsonl"
+    assert load_config(write(tmp_path, ""), ["data.train=d.jsonl"]).data.train[0].path == "d.jsonl"
 
 
 def test_config_objects_validate_assignment():

@@ -41,6 +41,15 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
             g.add_argument("--raw", action="store_true", help="send the prompt as plain text, no chat template")
         g.add_argument("--max-new-tokens", type=int, default=128 if name == "generate" else 256)
         g.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
+    d = sub.add_parser("data", help="inspect training data", description="Inspect what a run would train on.")
+    dsub = d.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    pv = dsub.add_parser("preview", help="rendered examples with the trained-on tokens marked, and counts",
+                         description="Show the first examples of each training source exactly as tokenised, "
+                         "the tokens that carry loss between [[ and ]], and counts (examples, tokens, truncated, "
+                         "fully masked, bad). Loads the tokenizer only.")
+    pv.add_argument("config", nargs="?", help="YAML run config")
+    pv.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. data.train=x.jsonl")
+    pv.add_argument("-n", "--examples", type=int, default=3, help="examples shown per training source (default 3)")
     m = sub.add_parser("merge", help="fold LoRA / IA3 into the base weights", description="Merge a run into its base "
                        "weights and save a plain transformers model directory.")
     m.add_argument("run_dir")
@@ -59,13 +68,17 @@ def _load_target(args: argparse.Namespace):
     return apply(model, "full", base_name=args.model), tokenizer
 
 
-def _train(args: argparse.Namespace) -> None:
+def _config(args: argparse.Namespace):
     from lmtune.config import load_config
 
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config and not os.path.exists(config):
         config, overrides = None, [config, *overrides]  # overrides only, no YAML
-    cfg = load_config(config, overrides)  # config mistakes surface before the slow training imports
+    return load_config(config, overrides)
+
+
+def _train(args: argparse.Namespace) -> None:
+    cfg = _config(args)  # config mistakes surface before the slow training imports
     from lmtune.train import run
 
     summary = run(cfg)
@@ -89,6 +102,14 @@ def _chat(args: argparse.Namespace) -> None:
     chat(tuned, tokenizer, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
 
 
+def _data(args: argparse.Namespace) -> None:
+    cfg = _config(args)
+    from lmtune.data.preview import preview
+    from lmtune.models import load_tokenizer
+
+    print(preview(cfg, load_tokenizer(cfg.model.name, cfg.model.trust_remote_code), args.examples))
+
+
 def _merge(args: argparse.Namespace) -> None:
     from lmtune.checkpoint import merge_to
 
@@ -96,7 +117,7 @@ def _merge(args: argparse.Namespace) -> None:
     print(f"merged model written to {args.out}")
 
 
-COMMANDS = {"train": _train, "generate": _generate, "chat": _chat, "merge": _merge}
+COMMANDS = {"train": _train, "generate": _generate, "chat": _chat, "merge": _merge, "data": _data}
 
 
 def _quiet_libraries() -> None:

@@ -39,18 +39,57 @@ class ModelConfig(Strict):
     """4-bit only: quantize the quantization constants too (QLoRA's double quantization, ~0.4 bit/param less)."""
 
 
+class DataSource(Strict):
+    path: str
+    """A data file (.jsonl, .json, .csv, .parquet, .txt) or, online, a hub dataset id."""
+    weight: float = 1.0
+    """How many times each of its examples is used per epoch: 2 repeats them, 0.5 draws half of them."""
+
+    @field_validator("weight")
+    @classmethod
+    def _positive_weight(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError("must be > 0")
+        return v
+
+
 class DataConfig(Strict):
-    train: str
-    """Training file (.jsonl, .json, .csv or .parquet) of messages or prompt/completion records."""
-    eval: str | None = None
-    """Evaluation file in the same format; when empty, `eval_split` of `train` is held out."""
+    train: list[DataSource]
+    """Training data: a file, or a list of files / {path, weight} mappings mixed together. Records are detected
+    by keys: messages; prompt+completion; instruction+output (Alpaca); text+label (classification); text
+    (pretrain; .txt files too); prompt+chosen+rejected (dpo / simpo)."""
+    eval: list[DataSource] | None = None
+    """Evaluation data in the same form; when empty, `eval_split` of each training source is held out."""
     eval_split: float = 0.0
     """Fraction of the training records held out for evaluation when no `eval` file is given."""
     max_length: int = 1024
-    """Tokens per example; longer examples are cut from the right and counted."""
+    """Tokens per example (per block for pretrain, per row with packing); longer examples are cut from the
+    right and counted."""
     prompt_format: Literal["auto", "chat", "plain"] = "auto"
     """How prompt/completion records become text: the tokenizer's chat template (`chat`), plain
     concatenation (`plain`), or `auto` (chat when the tokenizer has a template)."""
+
+    packing: bool = False
+    """Put several examples in each row (sft, pretrain) with no attention between them: fewer pad tokens."""
+    skip_bad_records: bool = False
+    """Skip records that cannot be read or rendered (counted and reported) instead of stopping at the first."""
+    chat_template: str | None = None
+    """A Jinja file that replaces the tokenizer's chat template (rendered sandboxed; saved with the result)."""
+    assistant_turns: Literal["all", "last"] = "all"
+    """Which assistant turns of a conversation carry loss: every one, or only the last."""
+    prompt_template: str = "{text}\nLabel:"
+    """How a classification record (text + label) becomes a prompt; `{field}` names any field of the record.
+    The label is the completion."""
+    cache: bool = True
+    """Keep tokenised data in the cache directory, so a second run with the same data and tokenizer starts at once."""
+
+    @field_validator("train", "eval", mode="before")
+    @classmethod
+    def _sources(cls, v: Any) -> Any:
+        if v is None:
+            return v
+        items = v if isinstance(v, list) else [v]
+        return [{"path": item} if isinstance(item, str) else item for item in items]
 
     @field_validator("eval_split")
     @classmethod
@@ -73,7 +112,7 @@ class TrainConfig(Strict):
     epochs: float = 1.0
     """Passes over the training data when `steps` is empty."""
     batch_size: int = 4
-    """Examples per micro-batch."""
+    """Examples per micro-batch (pairs for dpo / simpo; rows of data.max_length with data.packing)."""
     grad_accum: int = 1
     """Micro-batches per optimizer step; the loss is normalised by the step's label tokens."""
     lr: float = 2e-4
@@ -121,6 +160,25 @@ class TrainConfig(Strict):
         return v
 
 
+class PreferenceConfig(Strict):
+    beta: float | None = None
+    """Strength of the preference: the scale of the log-probability margin (default 0.1 for dpo, 2.0 for simpo)."""
+    label_smoothing: float = 0.0
+    """Probability that a pair's preference is flipped (conservative DPO); 0 trusts every label."""
+    gamma: float = 0.5
+    """SimPO's target margin between the chosen and rejected rewards."""
+
+    @field_validator("label_smoothing")
+    @classmethod
+    def _smoothing_in_range(cls, v: float) -> float:
+        if not 0.0 <= v < 0.5:
+            raise ValueError("must be in [0, 0.5)")
+        return v
+
+    def beta_for(self, task: str) -> float:
+        return self.beta if self.beta is not None else {"dpo": 0.1, "simpo": 2.0}.get(task, 0.1)
+
+
 class RunConfig(Strict):
     data: DataConfig
     """Where the examples come from and how they are tokenised."""
@@ -128,8 +186,12 @@ class RunConfig(Strict):
     """The base model."""
     method: Any = Field("lora", validate_default=True)  # the default must become a config object too
     """Fine-tuning method: its name, or a mapping with `name` and the method's options (listed below)."""
-    task: Literal["sft"] = "sft"
-    """Objective: `sft` (loss on completions / assistant turns)."""
+    task: Literal["sft", "pretrain", "dpo", "simpo"] = "sft"
+    """Objective: `sft` (loss on completions / assistant turns), `pretrain` (text concatenated and cut into
+    blocks of data.max_length; eval reports perplexity), `dpo` (preferences against the base model as
+    reference), `simpo` (reference-free preferences)."""
+    preference: PreferenceConfig = PreferenceConfig()
+    """Options of the preference tasks (dpo, simpo)."""
     train: TrainConfig = TrainConfig()
     """Optimisation settings."""
     output_dir: str = "runs/latest"

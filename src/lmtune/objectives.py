@@ -1,12 +1,14 @@
-"""Training objectives: pure functions of logits and labels, one per task, in a table.
+"""Training objectives: pure functions of a model and a batch, one per task, in a table.
 
 Each returns (summed loss, weight, metrics). The loop divides the sum of a whole optimizer step
-by the step's total weight, so gradient accumulation is normalised by token count.
+by the step's total weight, so gradient accumulation is normalised by token count (pairs for the
+preference tasks). Metrics are sums over the same weight units; the loop divides them alike.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +24,16 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
     return total, (targets != IGNORE).sum()
 
 
-def sft_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Supervised fine-tuning: NLL of completion / assistant tokens (all tokens for raw text).
+def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+    """What the model is called with: a packed batch has position ids and no attention mask."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
+    if "position_ids" in batch:
+        inputs["position_ids"] = batch["position_ids"]
+    return inputs
+
+
+def _labelled_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p of every labelled token, its row), labelled tokens in row-major order.
 
     Only positions whose next token carries loss go through the LM head: with a 49k vocabulary the
     full (batch x seq x vocab) fp32 logits of prompts and padding are most of a step's memory.
@@ -31,18 +41,97 @@ def sft_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     labels = batch["labels"]
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != IGNORE  # position t predicts token t + 1
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   logits_to_keep=keep).logits
+    logits = model(**_model_inputs(batch), logits_to_keep=keep).logits
     if logits.dim() == 3:  # a model that ignores logits_to_keep returns every position
-        total, count = token_nll(logits, labels)
-        return total, count, {}
+        logits = logits[keep.to(logits.device)]
     targets = labels[:, 1:][keep[:, :-1]].to(logits.device)
-    return F.cross_entropy(logits.float(), targets, reduction="sum"), torch.tensor(targets.numel()), {}
+    rows = keep.nonzero()[:, 0].to(logits.device)
+    return -F.cross_entropy(logits.float(), targets, reduction="none"), rows
+
+
+def sft_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Supervised fine-tuning and pretraining: NLL of the labelled tokens (completions, assistant turns, text)."""
+    logps, _ = _labelled_logprobs(model, batch)
+    return -logps.sum(), torch.tensor(logps.numel()), {}
+
+
+def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the summed log-probability of its labelled tokens, and how many there are."""
+    logps, rows = _labelled_logprobs(model, batch)
+    n = batch["labels"].shape[0]
+    sums = torch.zeros(n, device=logps.device, dtype=logps.dtype).index_add(0, rows, logps)
+    counts = torch.zeros(n, device=logps.device).index_add(0, rows, torch.ones_like(logps))
+    return sums, counts
+
+
+@contextmanager
+def reference(model: torch.nn.Module) -> Iterator[None]:
+    """The DPO reference: the same model with its method switched off, without gradients."""
+    tuned = getattr(model, "module", model)  # unwrap a distributed wrapper
+    with torch.no_grad(), tuned.disabled() if hasattr(tuned, "disabled") else nullcontext():
+        yield
+
+
+def _preference_terms(logits: torch.Tensor, beta: float, smoothing: float) -> torch.Tensor:
+    """-log sigmoid(beta * logits), with the label flipped with probability `smoothing` (conservative DPO)."""
+    return -(1 - smoothing) * F.logsigmoid(beta * logits) - smoothing * F.logsigmoid(-beta * logits)
+
+
+def _preference_metrics(chosen: torch.Tensor, rejected: torch.Tensor, policy: torch.Tensor) -> dict:
+    """Sums over pairs of rewards, margins and accuracies (the loop turns them into means)."""
+    chosen_logp, rejected_logp = policy.chunk(2)
+    return {"rewards/chosen": float(chosen.sum()), "rewards/rejected": float(rejected.sum()),
+            "rewards/margin": float((chosen - rejected).sum()),
+            "rewards/accuracy": float((chosen > rejected).float().sum()),
+            "logp_accuracy": float((chosen_logp > rejected_logp).float().sum())}
+
+
+def dpo_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], beta: float = 0.1,
+             label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """DPO, sigmoid loss (Rafailov et al. 2023): -log sigmoid(beta * (policy margin - reference margin)).
+
+    The reference log-probs come with the batch when computed before training (methods that change the
+    base weights); otherwise from the same model with the method switched off.
+    """
+    policy, _ = sequence_logps(model, batch)
+    if "ref_logps" in batch:
+        ref = batch["ref_logps"].to(policy.device)
+    else:
+        with reference(model):
+            ref = sequence_logps(model, batch)[0]
+    chosen_logp, rejected_logp = policy.chunk(2)
+    ref_chosen, ref_rejected = ref.chunk(2)
+    logits = (chosen_logp - rejected_logp) - (ref_chosen - ref_rejected)
+    losses = _preference_terms(logits, beta, label_smoothing)
+    chosen_reward = beta * (chosen_logp - ref_chosen).detach()
+    rejected_reward = beta * (rejected_logp - ref_rejected).detach()
+    return losses.sum(), torch.tensor(losses.numel()), _preference_metrics(chosen_reward, rejected_reward,
+                                                                           policy.detach())
+
+
+def simpo_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], beta: float = 2.0, gamma: float = 0.5,
+               label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """SimPO (Meng et al. 2024), reference-free: -log sigmoid(beta * (mean logp chosen - mean logp rejected)
+    - gamma), the mean taken over each answer's tokens."""
+    policy, counts = sequence_logps(model, batch)
+    average = policy / counts.clamp(min=1)
+    chosen_avg, rejected_avg = average.chunk(2)
+    logits = chosen_avg - rejected_avg - gamma / beta
+    losses = _preference_terms(logits, beta, label_smoothing)
+    metrics = _preference_metrics(beta * chosen_avg.detach(), beta * rejected_avg.detach(), policy.detach())
+    return losses.sum(), torch.tensor(losses.numel()), metrics
 
 
 def label_weight(batch: dict[str, torch.Tensor]) -> int:
-    """Tokens that carry loss in `batch`, known before the forward pass."""
+    """What the loss is normalised by, known before the forward pass: pairs, else labelled tokens."""
+    if "is_chosen" in batch:
+        return int(batch["is_chosen"].sum())
     return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
-OBJECTIVES: dict[str, Callable] = {"sft": sft_loss}
+def real_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens in the batch that are not padding."""
+    return int(batch["token_mask" if "token_mask" in batch else "attention_mask"].sum())
+
+
+OBJECTIVES: dict[str, Callable] = {"sft": sft_loss, "pretrain": sft_loss, "dpo": dpo_loss, "simpo": simpo_loss}

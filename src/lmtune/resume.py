@@ -305,10 +305,18 @@ def position_limit(model: torch.nn.Module) -> int | None:
     return None
 
 
+def _sequences(item) -> tuple:
+    """The sequences a training item holds: a pair holds two; a packed row several, each with its own positions."""
+    if hasattr(item, "chosen"):
+        return item.chosen, item.rejected
+    return tuple(getattr(item, "examples", (item,)))
+
+
 def check_lengths(examples: list, model: torch.nn.Module) -> None:
     """Refuse examples longer than the model can take, rather than fail deep in its forward."""
     limit = position_limit(model)
-    longest = max((len(e.input_ids) for e in examples), default=0)
+    sequences = [seq for e in examples for seq in _sequences(e)]
+    longest = max((len(e.input_ids) for e in sequences), default=0)
     if limit is not None and longest > limit:
         raise LmtuneError(f"an example has {longest} tokens, more than this model's limit of {limit} positions; "
                           f"set data.max_length={limit} (longer examples are then cut)")

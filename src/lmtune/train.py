@@ -21,11 +21,13 @@ from tqdm.auto import tqdm
 
 from lmtune.checkpoint import RUN_INFO, save
 from lmtune.config import RunConfig, TrainConfig, dump_config
-from lmtune.data import Example, TokenStats, collate, split, tokenize_records
+from lmtune.data import TokenStats, collate, collate_pairs
+from lmtune.data.pack import collate_packed, pack, packing_works
+from lmtune.data.pipeline import load_data
 from lmtune.errors import LmtuneError
 from lmtune.methods import get_method
 from lmtune.models import load_model
-from lmtune.objectives import OBJECTIVES, label_weight
+from lmtune.objectives import OBJECTIVES, dpo_loss, label_weight, real_tokens, sequence_logps, simpo_loss
 from lmtune.plots import plot_loss
 from lmtune.quantize import check_method
 from lmtune.resume import Start, check_finite, check_lengths, prepare, restore, resume_point, save_if_due
@@ -50,14 +52,57 @@ def _prepare_output(cfg: RunConfig, out: Path, lock: RunLock) -> None:
     (out / "config.yaml").write_text(dump_config(cfg))
 
 
-def _load_data(cfg: RunConfig, tokenizer) -> tuple[list[Example], list[Example], TokenStats]:
-    d = cfg.data
-    train, stats = tokenize_records(d.train, tokenizer, d.max_length, d.prompt_format)
-    if d.eval is not None:
-        evals, _ = tokenize_records(d.eval, tokenizer, d.max_length, d.prompt_format)
-    else:
-        train, evals = split(train, d.eval_split, cfg.train.seed)
+PREFERENCE_TASKS = ("dpo", "simpo")
+
+
+def _load_data(cfg: RunConfig, tokenizer) -> tuple[list, list, TokenStats]:
+    if cfg.data.packing and cfg.task in PREFERENCE_TASKS:
+        raise LmtuneError(f"data.packing applies to sft and pretrain, not to task {cfg.task}; set data.packing=false")
+    train, evals, stats = load_data(cfg.data, tokenizer, cfg.task, cfg.train.seed)
+    if cfg.data.packing:
+        train, evals = pack(train, cfg.data.max_length), pack(evals, cfg.data.max_length)
     return train, evals, stats
+
+
+def _collate_fn(cfg: RunConfig, pad_id: int):
+    """Batches of pairs (preference tasks), of packed rows, or of padded examples."""
+    if cfg.task in PREFERENCE_TASKS:
+        return functools.partial(collate_pairs, pad_id=pad_id)
+    return functools.partial(collate_packed if cfg.data.packing else collate, pad_id=pad_id)
+
+
+def _objective(cfg: RunConfig):
+    p = cfg.preference
+    if cfg.task == "dpo":
+        return functools.partial(dpo_loss, beta=p.beta_for("dpo"), label_smoothing=p.label_smoothing)
+    if cfg.task == "simpo":
+        return functools.partial(simpo_loss, beta=p.beta_for("simpo"), gamma=p.gamma,
+                                 label_smoothing=p.label_smoothing)
+    return OBJECTIVES[cfg.task]
+
+
+def _check_packing(cfg: RunConfig, tuned: TunedModel) -> None:
+    if cfg.data.packing and not packing_works(tuned):
+        raise LmtuneError(f"data.packing: this model ({type(tuned.model).__name__}) attends across packed examples "
+                          "(it does not read restarting position ids as separate sequences); set data.packing=false")
+
+
+def can_switch_off(tuned: TunedModel) -> bool:
+    return any(hasattr(m, "disabled") for m in tuned.model.modules())
+
+
+@torch.no_grad()
+def attach_reference_logps(model: torch.nn.Module, pairs: list, collate_fn, batch_size: int, device) -> None:
+    """DPO with a method that changes the base weights: the reference log-probs of every pair, computed once
+    by the untrained model, travel with the pairs (no second model in memory)."""
+    model.eval()
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        batch = {k: v.to(device) for k, v in collate_fn(chunk).items()}
+        chosen, rejected = sequence_logps(model, batch)[0].chunk(2)
+        for pair, c, r in zip(chunk, chosen.tolist(), rejected.tolist(), strict=True):
+            pair.ref_logps = (c, r)
+    model.train()
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
@@ -81,16 +126,33 @@ def _batches(loader: DataLoader) -> Iterator[dict[str, torch.Tensor]]:
 
 
 @torch.no_grad()
-def evaluate_loss(model: torch.nn.Module, loader: DataLoader, objective,
-                  device: torch.device | str = "cpu") -> float:
-    """Mean loss per unit of weight (per label token for SFT) over the whole loader."""
+def evaluate(model: torch.nn.Module, loader: DataLoader, objective,
+             device: torch.device | str = "cpu") -> dict[str, float]:
+    """Mean loss and metrics per unit of weight (label token, or pair) over the whole loader."""
     model.eval()
-    total, weight = 0.0, 0
+    total, weight, sums = 0.0, 0, {}
     for batch in loader:
-        loss_sum, count, _ = objective(model, {k: v.to(device) for k, v in batch.items()})
+        loss_sum, count, metrics = objective(model, {k: v.to(device) for k, v in batch.items()})
         total, weight = total + float(loss_sum), weight + int(count)
+        for name, value in metrics.items():
+            sums[name] = sums.get(name, 0.0) + value
     model.train()
-    return total / max(weight, 1)
+    return {"loss": total / max(weight, 1), **{name: v / max(weight, 1) for name, v in sums.items()}}
+
+
+def evaluate_loss(model: torch.nn.Module, loader: DataLoader, objective, device: torch.device | str = "cpu") -> float:
+    """Mean loss per unit of weight (per label token for SFT) over the whole loader."""
+    return evaluate(model, loader, objective, device)["loss"]
+
+
+def _eval_row(cfg: RunConfig, model: torch.nn.Module, loader: DataLoader, objective,
+              device: torch.device | str) -> dict[str, float]:
+    """`eval_loss` and the task's eval metrics (perplexity for pretrain, rewards and accuracies for preferences)."""
+    result = evaluate(model, loader, objective, device)
+    row = {f"eval_{name}": value for name, value in result.items()}
+    if cfg.task in ("pretrain", "sft"):
+        row["eval_perplexity"] = math.exp(min(result["loss"], 50.0))
+    return row
 
 
 def _weights_dtype(cfg: RunConfig) -> str:
@@ -140,6 +202,7 @@ def _run(cfg: RunConfig, lock: RunLock) -> dict:
     # Seeded after loading: a first-use conversion of the default model draws random numbers.
     set_seed(cfg.train.seed)
     tuned = apply(model, cfg.method, base_name=cfg.model.name, tokenizer=tokenizer)
+    _check_packing(cfg, tuned)
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(tuned)
     if accelerator.is_main_process:
@@ -147,12 +210,14 @@ def _run(cfg: RunConfig, lock: RunLock) -> dict:
         prepare(out, source)
     accelerator.wait_for_everyone()
     log.info(tuned.describe_parameters())
-    log.info("data: %d train / %d eval examples, %d truncated (%d tokens cut), %d dropped with no labels",
-             len(train_set), len(eval_set), stats.truncated, stats.tokens_cut, stats.dropped_no_labels)
+    log.info("data: %d train / %d eval %s, %d truncated (%d tokens cut), %d dropped with no labels%s",
+             len(train_set), len(eval_set), "packed rows" if cfg.data.packing else "examples", stats.truncated,
+             stats.tokens_cut, stats.dropped_no_labels,
+             f", {stats.skipped_bad} bad records skipped" if stats.skipped_bad else "")
     world = accelerator.num_processes
     log.info("batch: %d examples x %d accumulation x %d processes = %d per optimizer step", t.batch_size,
              t.grad_accum, world, t.batch_size * t.grad_accum * world)
-    pad = functools.partial(collate, pad_id=tokenizer.pad_token_id)
+    pad = _collate_fn(cfg, tokenizer.pad_token_id)
     loader = DataLoader(train_set, batch_size=t.batch_size, shuffle=True, collate_fn=pad,
                         generator=torch.Generator().manual_seed(t.seed))
     eval_loader = DataLoader(eval_set, batch_size=t.batch_size, collate_fn=pad) if eval_set else None
@@ -161,6 +226,10 @@ def _run(cfg: RunConfig, lock: RunLock) -> dict:
                                   weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, t.warmup_steps, steps, t.schedule))
+    if cfg.task == "dpo" and not can_switch_off(tuned):
+        # Before a checkpoint is restored: the reference is the model as it was before any training.
+        attach_reference_logps(tuned.to(accelerator.device), train_set + eval_set, pad, t.batch_size,
+                               accelerator.device)
     start = restore(source, tuned, optimizer, scheduler)
     # The eval loader stays unsharded: every process scores the whole set, so the figure is exact.
     tuned, optimizer, loader = accelerator.prepare(tuned, optimizer, loader)
@@ -180,14 +249,14 @@ def _run(cfg: RunConfig, lock: RunLock) -> dict:
 def _loop(cfg, model, optimizer, scheduler, loader, eval_loader, steps, accelerator, out: Path,
           start: Start) -> dict:
     """The loop: forward, objective, backward over `grad_accum` micro-batches, clip, step, log, eval, checkpoint."""
-    t, objective = cfg.train, OBJECTIVES[cfg.task]
+    t, objective = cfg.train, _objective(cfg)
     metrics = (out / "metrics.jsonl").open("a") if accelerator.is_main_process else None
     summary: dict = {**start.summary, "steps": steps}
     unwrapped = accelerator.unwrap_model(model)
 
-    def evaluate() -> float:
+    def evaluate() -> dict[str, float]:
         with accelerator.autocast():  # the unwrapped model is not autocast by accelerate
-            return evaluate_loss(unwrapped, eval_loader, objective, accelerator.device)
+            return _eval_row(cfg, unwrapped, eval_loader, objective, accelerator.device)
 
     def record(row: dict) -> None:
         if metrics:
@@ -195,8 +264,9 @@ def _loop(cfg, model, optimizer, scheduler, loader, eval_loader, steps, accelera
             metrics.flush()
 
     if eval_loader is not None and start.step == 0:
-        summary["eval_loss_start"] = evaluate()
-        record({"step": 0, "eval_loss": summary["eval_loss_start"]})
+        first = evaluate()
+        summary["eval_loss_start"], summary["eval_start"] = first["eval_loss"], first
+        record({"step": 0, **first})
     batches, model_start = _batches(loader), time.perf_counter()
     start.replay(batches, t.grad_accum)  # a resumed run: the seeded data order up to its step, then its RNG
     bar = tqdm(range(start.step + 1, steps + 1), desc="train", disable=not accelerator.is_main_process,
@@ -204,7 +274,8 @@ def _loop(cfg, model, optimizer, scheduler, loader, eval_loader, steps, accelera
     model.train()
     for step in bar:
         started = time.perf_counter()
-        step_loss, tokens = _accumulate(model, [next(batches) for _ in range(t.grad_accum)], objective, accelerator)
+        step_loss, tokens, step_metrics = _accumulate(model, [next(batches) for _ in range(t.grad_accum)],
+                                                      objective, accelerator)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm) if t.max_grad_norm else None
         check_finite(step_loss, None if grad_norm is None else float(grad_norm), step, out)
         lr = scheduler.get_last_lr()[0]  # the rate this step uses; after scheduler.step() it is the next one's
@@ -215,13 +286,15 @@ def _loop(cfg, model, optimizer, scheduler, loader, eval_loader, steps, accelera
                "tokens_per_s": tokens / (time.perf_counter() - started)}
         if grad_norm is not None:
             row["grad_norm"] = float(grad_norm)
+        row.update(step_metrics)
         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
         if step % t.log_every == 0 or step == steps:
             record(row)
         if eval_loader is not None and (step == steps or (t.eval_every and step % t.eval_every == 0)):
-            summary["eval_loss"] = evaluate()
-            record({"step": step, "eval_loss": summary["eval_loss"]})
-            bar.write(f"step {step}: eval loss {summary['eval_loss']:.4f}")
+            evaluated = evaluate()
+            summary.update(evaluated)
+            record({"step": step, **evaluated})
+            bar.write(f"step {step}: " + ", ".join(f"{k.removeprefix('eval_')} {v:.4g}" for k, v in evaluated.items()))
         summary["loss"] = step_loss
         save_if_due(out, step, steps, cfg, accelerator, model, optimizer, scheduler, summary)
     summary["train_seconds"] = time.perf_counter() - model_start
@@ -230,24 +303,28 @@ def _loop(cfg, model, optimizer, scheduler, loader, eval_loader, steps, accelera
     return summary
 
 
-def _accumulate(model, micro: list[dict], objective, accelerator: Accelerator) -> tuple[float, float]:
-    """Backward over one optimizer step's micro-batches; returns (step loss, tokens), summed over processes.
+def _accumulate(model, micro: list[dict], objective, accelerator: Accelerator) -> tuple[float, float, dict]:
+    """Backward over one optimizer step's micro-batches; (step loss, real tokens, metrics), summed over processes.
 
-    The loss is normalised by the step's label tokens over every process, not per micro-batch or per
-    process: every token weighs the same, and N processes equal one process with the same global batch.
+    The loss is normalised by the step's weight (label tokens, or pairs) over every process, not per
+    micro-batch or per process: every token weighs the same, and N processes equal one process with the
+    same global batch. Metrics are per unit of weight, like the loss.
     """
     world = accelerator.num_processes
     weight = max(_global_sum(accelerator, sum(label_weight(b) for b in micro)), 1)
-    step_loss, tokens = 0.0, 0
+    step_loss, tokens, step_metrics = 0.0, 0, {}
     for i, batch in enumerate(micro):
         # Gradients are all-reduced once per optimizer step, after the last micro-batch.
         with accelerator.no_sync(model) if i < len(micro) - 1 else contextlib.nullcontext():
-            loss_sum, _, _ = objective(model, batch)
+            loss_sum, _, metrics = objective(model, batch)
             # DDP averages gradients over processes; scaling by the world size turns that into a sum.
             accelerator.backward(loss_sum * world / weight)
         step_loss += float(loss_sum.detach()) / weight
-        tokens += int(batch["attention_mask"].sum())
-    return _global_sum(accelerator, step_loss), _global_sum(accelerator, tokens)
+        tokens += real_tokens(batch)
+        for name, value in metrics.items():
+            step_metrics[name] = step_metrics.get(name, 0.0) + value / weight
+    metrics = {name: _global_sum(accelerator, v) for name, v in step_metrics.items()}
+    return _global_sum(accelerator, step_loss), _global_sum(accelerator, tokens), metrics
 
 
 def _global_sum(accelerator: Accelerator, value: float) -> float:

@@ -72,8 +72,8 @@ def test_an_empty_file_is_an_error(tmp_path, name, content):
 
 def test_missing_file_unknown_suffix_and_non_utf8(tmp_path):
     assert read_error(tmp_path / "nope.jsonl") == "data file not found: FILE"
-    (tmp_path / "d.txt").write_text("hello")
-    assert read_error(tmp_path / "d.txt").startswith("FILE: unknown data format '.txt'")
+    (tmp_path / "d.xml").write_text("hello")
+    assert read_error(tmp_path / "d.xml").startswith("FILE: unknown data format '.xml'")
     (tmp_path / "d.csv").write_bytes("prompt,completion\nCaf\xe9,ol\xe9\n".encode("latin-1"))
     assert read_error(tmp_path / "d.csv").startswith("FILE: not UTF-8 text")
 

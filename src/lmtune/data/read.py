@@ -1,4 +1,5 @@
-"""Read records from JSONL / JSON / CSV / Parquet, keeping where each came from for error messages."""
+"""Read records from JSONL / JSON / CSV / Parquet / plain text files (or, online, a hub dataset via `datasets`),
+keeping where each came from for error messages."""
 
 from __future__ import annotations
 
@@ -13,27 +14,30 @@ Record = tuple[str, dict[str, Any]]  # ("file:line", record)
 ENCODING = "utf-8-sig"  # UTF-8, ignoring the byte-order mark that spreadsheet exports put first
 
 
-def read_records(path: str | Path) -> list[Record]:
+def read_records(path: str | Path, bad: list[str] | None = None) -> list[Record]:
+    """Every record of `path`; with a `bad` list, unreadable lines are noted there and skipped, not fatal."""
     p = Path(path)
     if not p.is_file():
+        if _looks_like_hub_id(str(path)):
+            return _read_hub(str(path))
         raise LmtuneError(f"data file not found: {p}")
-    reader = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}.get(
-        p.suffix.lower())
+    reader = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet,
+              ".txt": _read_text}.get(p.suffix.lower())
     if reader is None:
-        raise LmtuneError(f"{p}: unknown data format '{p.suffix}'; use .jsonl, .json, .csv or .parquet")
+        raise LmtuneError(f"{p}: unknown data format '{p.suffix}'; use .jsonl, .json, .csv, .parquet or .txt")
     try:
-        records = reader(p)
+        records = reader(p, bad) if reader is _read_jsonl else reader(p)
     except UnicodeDecodeError as err:
         raise LmtuneError(f"{p}: not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8") from None
     if not records:
-        raise LmtuneError(f"{p}: no records")
+        raise LmtuneError(f"{p}: all {len(bad)} records are bad (first: {bad[0]})" if bad else f"{p}: no records")
     for where, record in records:
         if not isinstance(record, dict):
             raise LmtuneError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
     return records
 
 
-def _read_jsonl(p: Path) -> list[Record]:
+def _read_jsonl(p: Path, bad: list[str] | None = None) -> list[Record]:
     records = []
     with p.open(encoding=ENCODING) as f:
         for number, line in enumerate(f, start=1):
@@ -42,8 +46,41 @@ def _read_jsonl(p: Path) -> list[Record]:
             try:
                 records.append((f"{p}:{number}", json.loads(line)))
             except json.JSONDecodeError as err:
-                raise LmtuneError(f"{p}:{number}: not valid JSON ({err.msg} at column {err.colno})") from None
+                message = f"{p}:{number}: not valid JSON ({err.msg} at column {err.colno})"
+                if bad is None:
+                    raise LmtuneError(message) from None
+                bad.append(message)
     return records
+
+
+def _read_text(p: Path) -> list[Record]:
+    """Plain text: each paragraph (lines up to a blank line) is one {"text"} document."""
+    records, lines, first = [], [], 0
+    for number, line in enumerate([*p.read_text(encoding=ENCODING).splitlines(), ""], start=1):
+        if line.strip():
+            first = first if lines else number
+            lines.append(line)
+        elif lines:
+            records.append((f"{p}:{first}", {"text": "\n".join(lines)}))
+            lines = []
+    return records
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not Path(parts[0]).exists() and not Path(name).suffix
+
+
+def _read_hub(name: str) -> list[Record]:
+    """A hub dataset's train split (needs network the first time; `datasets` caches it)."""
+    try:
+        import datasets
+
+        rows = datasets.load_dataset(name, split="train")
+    except Exception as err:  # noqa: BLE001 - offline, unknown name, gated: all one line for the user
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise LmtuneError(f"data file not found: {name} (and as a hub dataset: {first})") from None
+    return [(f"{name}: row {i}", dict(r)) for i, r in enumerate(rows, start=1)]
 
 
 def _read_json(p: Path) -> list[Record]:
