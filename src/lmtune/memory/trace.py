@@ -139,7 +139,7 @@ def trace_step(model: torch.nn.Module, *, batch_size: int, seq_len: int, labelle
     first = _optimizer(trainable, optimizer, foreach=True)
     first.step()  # foreach: few ops to fake, the same state
     opt = _optimizer(trainable, optimizer, foreach)
-    opt.load_state_dict(first.state_dict())
+    opt.state.update(first.state)  # not load_state_dict: that would copy the foreach choice too
     for p in trainable:
         p.grad = None
     grads_at_peak = [0]
