@@ -71,7 +71,7 @@ def _child(spec: dict) -> None:
     b, s, vocab = spec["batch"], spec["seq_len"], model.config.vocab_size
     for _ in range(STEPS):
         ids = torch.randint(0, vocab, (b, s))
-        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+        batch = _padded_batch(ids)
         loss_sum, count, _ = sft_loss(tuned, batch)
         (loss_sum / count).backward()
         del loss_sum
@@ -79,6 +79,17 @@ def _child(spec: dict) -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     print(json.dumps({"measured": _status("VmHWM") - baseline}))
+
+
+def _padded_batch(ids):
+    """Every position labelled but the last of one row, which is padding, as in lmtune's padded batches
+    (with padding, transformers builds a 4-D attention mask; without, SDPA runs causal with no mask)."""
+    import torch
+
+    mask = torch.ones_like(ids)
+    mask[0, -1] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def _status(key: str) -> int:

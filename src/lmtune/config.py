@@ -117,6 +117,8 @@ class RunConfig(Strict):
     """Where the result, metrics and plots are written."""
     overwrite: bool = False
     """Replace a finished run in `output_dir` instead of refusing."""
+    force: bool = False
+    """Train even when the memory estimate (`lmtune estimate`) exceeds the memory available on the device."""
 
     @field_validator("model", mode="before")
     @classmethod

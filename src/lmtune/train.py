@@ -21,6 +21,7 @@ from lmtune.checkpoint import RUN_INFO, save
 from lmtune.config import RunConfig, dump_config
 from lmtune.data import Example, TokenStats, collate, split, tokenize_records
 from lmtune.errors import LmtuneError
+from lmtune.memory.report import preflight
 from lmtune.models import load_model
 from lmtune.objectives import OBJECTIVES, label_weight
 from lmtune.plots import plot_loss
@@ -88,6 +89,7 @@ def evaluate_loss(model: torch.nn.Module, loader: DataLoader, objective) -> floa
 def run(cfg: RunConfig) -> dict:
     """Train as `cfg` says; returns a summary (also written to the run directory)."""
     out = _check_output(cfg)
+    preflight(cfg)  # before any weight is loaded: a run that cannot fit is refused in seconds
     model, tokenizer = load_model(cfg.model.name, cfg.model.dtype, cfg.model.trust_remote_code)
     # Data before anything is logged or written: a bad record fails as one line and leaves no directory.
     train_set, eval_set, stats = _load_data(cfg, tokenizer)

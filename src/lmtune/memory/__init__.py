@@ -52,7 +52,7 @@ class MemoryPlan:
     optimizer: Literal["adamw", "adamw-8bit", "sgd"] = "adamw"
     gradient_checkpointing: bool = False
     packing: bool = False
-    """Packed sequences: no padding, so every position is labelled text (sets labelled_fraction to 1)."""
+    """Packed sequences: no padding, so no attention mask and every position is labelled text."""
     task: Literal["sft", "dpo"] = "sft"
     """dpo: chosen + rejected per pair, plus a reference forward pass."""
     devices: int = 1
@@ -130,7 +130,8 @@ def estimate(plan: MemoryPlan) -> Estimate:
             reference = "switch" if any(hasattr(m, "disabled") for m in model.modules()) else "copy"
         step = trace_step(tuned, batch_size=plan.batch_size, seq_len=plan.seq_len, labelled=labelled,
                           optimizer=plan.optimizer, autocast_dtype=_AUTOCAST.get(plan.precision),
-                          foreach=plan.device == "cuda", clip=plan.clip_grad, reference=reference)
+                          foreach=plan.device == "cuda", clip=plan.clip_grad, reference=reference,
+                          padded=not plan.packing)
         trainable, total = tuned.trainable_parameters()
         swaps = formulas.swaps(tuned, plan)
     return _breakdown(step, swaps, plan, trainable, total)

@@ -109,10 +109,15 @@ def keep_positions(model: torch.nn.Module, count: int) -> Iterator[None]:
 
 
 def token_logps_loss(model: torch.nn.Module, input_ids: torch.Tensor, keep: torch.Tensor, count: int,
-                     autocast: contextlib.AbstractContextManager) -> torch.Tensor:
-    """The SFT objective's memory path: LM head on the kept positions, fp32 cross-entropy summed."""
+                     autocast: contextlib.AbstractContextManager, padded: bool = True) -> torch.Tensor:
+    """The SFT objective's memory path: LM head on the kept positions, fp32 cross-entropy summed.
+
+    `padded`: a batch with padding has an attention mask, from which transformers builds a 4-D mask (fake
+    tensors cannot tell it is all ones, and a padded batch's is not); packed batches run causal with none.
+    """
+    mask = torch.ones_like(input_ids) if padded else None
     with autocast:
-        logits = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), logits_to_keep=keep).logits
+        logits = model(input_ids=input_ids, attention_mask=mask, logits_to_keep=keep).logits
     if logits.dim() == 3:  # a model that ignores logits_to_keep returns every position
         logits = logits[:, :-1].flatten(0, 1)
         count = logits.shape[0]
@@ -127,7 +132,8 @@ def _optimizer(params: list[torch.nn.Parameter], name: str, foreach: bool) -> to
 
 
 def trace_step(model: torch.nn.Module, *, batch_size: int, seq_len: int, labelled: int, optimizer: str,
-               autocast_dtype: torch.dtype | None, foreach: bool, clip: bool, reference: str | None) -> StepTrace:
+               autocast_dtype: torch.dtype | None, foreach: bool, clip: bool, reference: str | None,
+               padded: bool = True) -> StepTrace:
     """Trace the second training step of `model` (already built under FakeTensorMode, method applied).
 
     `labelled`: positions per sequence that carry loss (they go through the LM head). `reference`: None,
@@ -160,8 +166,8 @@ def trace_step(model: torch.nn.Module, *, batch_size: int, seq_len: int, labelle
         input_ids = torch.zeros(rows, seq_len, dtype=torch.long, device=device)
         keep = torch.zeros(rows, seq_len, dtype=torch.bool, device=device)
         if reference:
-            ref_logps = _reference_logps(model, input_ids, keep, rows * labelled, autocast, reference)
-        loss = token_logps_loss(model, input_ids, keep, rows * labelled, autocast)
+            ref_logps = _reference_logps(model, input_ids, keep, rows * labelled, autocast, reference, padded)
+        loss = token_logps_loss(model, input_ids, keep, rows * labelled, autocast, padded)
         if reference:
             loss = loss + ref_logps.sum()
         saved = tracker.live
@@ -177,14 +183,14 @@ def trace_step(model: torch.nn.Module, *, batch_size: int, seq_len: int, labelle
                      reference_weights=weights if reference == "copy" else 0)
 
 
-def _reference_logps(model, input_ids, keep, count, autocast, reference: str) -> torch.Tensor:
+def _reference_logps(model, input_ids, keep, count, autocast, reference: str, padded: bool) -> torch.Tensor:
     """DPO's reference pass: no graph, only per-token log-probabilities survive."""
     switches = [m for m in model.modules() if hasattr(m, "disabled")] if reference == "switch" else []
     for m in switches:
         m.disabled = True
     try:
         with torch.no_grad():
-            return token_logps_loss(model, input_ids, keep, count, autocast).reshape(1)
+            return token_logps_loss(model, input_ids, keep, count, autocast, padded).reshape(1)
     finally:
         for m in switches:
             m.disabled = False
