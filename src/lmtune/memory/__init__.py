@@ -123,7 +123,7 @@ def estimate(plan: MemoryPlan) -> Estimate:
             raise LmtuneError(f"'{tuned.method.name}' trains base weights, which cannot be {plan.quantization}; "
                               "use lora (QLoRA) or another adapter method with a quantized base")
         if plan.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            _enable_checkpointing(model)
         tuned.train()
         reference = None
         if plan.task == "dpo":
@@ -135,6 +135,14 @@ def estimate(plan: MemoryPlan) -> Estimate:
         trainable, total = tuned.trainable_parameters()
         swaps = formulas.swaps(tuned, plan)
     return _breakdown(step, swaps, plan, trainable, total)
+
+
+def _enable_checkpointing(model) -> None:
+    """Non-reentrant checkpointing of every block (transformers 5 renamed the method; both are accepted)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _check(plan: MemoryPlan) -> None:

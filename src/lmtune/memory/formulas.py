@@ -20,8 +20,9 @@ from torch import nn
 from lmtune.memory.trace import storage_bytes
 
 MIB = 2**20
-CPU_OVERHEAD = 0
-"""Bytes a CPU run holds beyond its tensors; calibrated by benchmarks/memory_accuracy.py (see README)."""
+CPU_OVERHEAD = 40 * MIB
+"""Resident memory a CPU training process gains beyond its tensors (autograd engine, oneDNN and OpenMP
+buffers, the model's Python objects): 41-51 MiB in the five 0.2B-model rows of benchmarks/memory_accuracy.py."""
 CPU_OVERHEAD_SHARE = 0.0
 """Allocator slack in proportion to the tensor peak on CPU (glibc keeps freed chunks), same calibration."""
 CUDA_CONTEXT = 500 * MIB
@@ -43,6 +44,7 @@ class Swaps:
 
 def _quantized_linears(model: nn.Module) -> list[nn.Linear]:
     """The frozen Linear layers a bitsandbytes load quantizes: inside the blocks, not the LM head."""
+    model = getattr(model, "model", model)  # a TunedModel wraps the transformers model
     out_embed = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return [m for m in model.modules() if type(m) is nn.Linear and not m.weight.requires_grad
             and m is not out_embed and m.weight.dim() == 2]
