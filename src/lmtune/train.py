@@ -89,7 +89,7 @@ def evaluate_loss(model: torch.nn.Module, loader: DataLoader, objective) -> floa
 def run(cfg: RunConfig) -> dict:
     """Train as `cfg` says; returns a summary (also written to the run directory)."""
     out = _check_output(cfg)
-    preflight(cfg)  # before any weight is loaded: a run that cannot fit is refused in seconds
+    memory_report = preflight(cfg)  # before any weight is loaded: a run that cannot fit is refused in seconds
     model, tokenizer = load_model(cfg.model.name, cfg.model.dtype, cfg.model.trust_remote_code)
     # Data before anything is logged or written: a bad record fails as one line and leaves no directory.
     train_set, eval_set, stats = _load_data(cfg, tokenizer)
@@ -98,6 +98,7 @@ def run(cfg: RunConfig) -> dict:
     tuned = apply(model, cfg.method, base_name=cfg.model.name)
     _prepare_output(cfg, out)
     log.info(tuned.describe_parameters())
+    log.info("%s", memory_report)
     log.info("data: %d train / %d eval examples, %d truncated (%d tokens cut), %d dropped with no labels",
              len(train_set), len(eval_set), stats.truncated, stats.tokens_cut, stats.dropped_no_labels)
     t = cfg.train

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
@@ -11,7 +10,6 @@ import torch
 from lmtune.errors import LmtuneError
 from lmtune.memory import _MODEL_DTYPE_PRECISION, Estimate, MemoryPlan, estimate
 
-log = logging.getLogger("lmtune")
 GIB = 2**30
 _OPTIMIZER_STATES = {"adamw": "AdamW m and v", "adamw-8bit": "8-bit AdamW m and v", "sgd": "SGD: none"}
 
@@ -92,18 +90,21 @@ def suggestions(plan: MemoryPlan, cfg) -> list[str]:
     return out
 
 
-def preflight(cfg) -> Estimate | None:
-    """Print the estimate of `cfg`'s run; refuse it (LmtuneError) when it will not fit, unless `force`."""
+def preflight(cfg) -> str:
+    """Estimate `cfg`'s run and refuse it (LmtuneError) when it will not fit, unless `force`.
+
+    Runs before anything is loaded; returns the report for the caller to log once the data has loaded
+    (a bad record must fail as one line, with nothing logged before it).
+    """
     plan = plan_from_config(cfg)
     try:
         est = estimate(plan)
     except Exception as err:  # noqa: BLE001  (the estimator must never be the reason a run cannot start;
         # a wrong model name is reported by the loader that follows, a model fake tensors cannot run here)
-        log.warning("memory estimate unavailable (%s); training without the pre-flight check",
-                    str(err).splitlines()[0] if str(err) else type(err).__name__)
-        return None
-    log.info("%s\n  (sequences padded to data.max_length, every position labelled: the worst case)",
-             format_estimate(est))
+        return ("memory estimate unavailable "
+                f"({str(err).splitlines()[0] if str(err) else type(err).__name__}); no pre-flight check")
+    text = (format_estimate(est)
+            + "\n  (sequences padded to data.max_length, every position labelled: the worst case)")
     free = available_memory(plan.device)
     if est.per_device > free:
         message = (f"this run needs about {est.per_device / GIB:.2f} GiB per device but {plan.device} has "
@@ -111,5 +112,5 @@ def preflight(cfg) -> Estimate | None:
                    f"(lmtune estimate shows the effect), or set force=true to train anyway")
         if not getattr(cfg, "force", False):
             raise LmtuneError(message)
-        log.warning("%s", message.replace(", or set force=true to train anyway", "; training anyway (force)"))
-    return est
+        text += "\n" + message.replace(", or set force=true to train anyway", "; training anyway (force=true)")
+    return text
