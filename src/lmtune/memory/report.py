@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from lmtune.errors import LmtuneError
-from lmtune.memory import _MODEL_DTYPE_PRECISION, Estimate, MemoryPlan, estimate
+from lmtune.memory.core import _MODEL_DTYPE_PRECISION, Estimate, MemoryPlan, estimate
 
 GIB = 2**30
 _OPTIMIZER_STATES = {"adamw": "AdamW m and v", "adamw-8bit": "8-bit AdamW m and v", "sgd": "SGD: none"}
