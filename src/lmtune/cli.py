@@ -41,6 +41,7 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
             g.add_argument("--raw", action="store_true", help="send the prompt as plain text, no chat template")
         g.add_argument("--max-new-tokens", type=int, default=128 if name == "generate" else 256)
         g.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
+    _estimate_parser(sub)
     d = sub.add_parser("data", help="inspect training data", description="Inspect what a run would train on.")
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     pv = dsub.add_parser("preview", help="rendered examples with the trained-on tokens marked, and counts",
@@ -55,6 +56,22 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
     m.add_argument("run_dir")
     m.add_argument("--out", required=True, help="output directory for the merged model")
     return p
+
+
+def _estimate_parser(sub) -> None:
+    from lmtune.memory.cli import add_arguments
+
+    e = sub.add_parser("estimate", help="predict a run's peak memory without loading weights",
+                       description="Predict the peak memory of a training run from the model's config alone "
+                       "(a training step traced on fake tensors): weights, gradients, optimizer states, "
+                       "activations, overhead. Example: lmtune estimate examples/quickstart.yaml --seq-len 2048")
+    add_arguments(e)
+
+
+def _estimate(args: argparse.Namespace) -> None:
+    from lmtune.memory.cli import run
+
+    run(args)
 
 
 def _load_target(args: argparse.Namespace):
@@ -117,7 +134,8 @@ def _merge(args: argparse.Namespace) -> None:
     print(f"merged model written to {args.out}")
 
 
-COMMANDS = {"train": _train, "generate": _generate, "chat": _chat, "merge": _merge, "data": _data}
+COMMANDS = {"train": _train, "estimate": _estimate, "generate": _generate, "chat": _chat, "merge": _merge,
+            "data": _data}
 
 
 def _quiet_libraries() -> None:

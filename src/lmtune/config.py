@@ -201,6 +201,8 @@ class RunConfig(Strict):
     resume: str = "auto"
     """`auto`: continue from the latest checkpoint in `output_dir` when its run did not finish; `never`:
     start over; or a checkpoint directory (`RUN/checkpoints/step-N`, or a run directory for its latest)."""
+    force: bool = False
+    """Train even when the memory estimate (`lmtune estimate`) exceeds the memory available on the device."""
 
     @field_validator("model", mode="before")
     @classmethod

@@ -25,6 +25,7 @@ from lmtune.data import TokenStats, collate, collate_pairs
 from lmtune.data.pack import collate_packed, pack, packing_works
 from lmtune.data.pipeline import load_data
 from lmtune.errors import LmtuneError
+from lmtune.memory.report import preflight
 from lmtune.methods import get_method
 from lmtune.models import load_model
 from lmtune.objectives import OBJECTIVES, dpo_loss, label_weight, real_tokens, sequence_logps, simpo_loss
@@ -188,6 +189,7 @@ def run(cfg: RunConfig) -> dict:
 
 def _run(cfg: RunConfig, lock: RunLock) -> dict:
     out = _check_output(cfg)
+    memory_report = preflight(cfg)  # before any weight is loaded: a run that cannot fit is refused in seconds
     source = resume_point(cfg, out)
     m, t = cfg.model, cfg.train
     check_method(cfg.method.name, get_method(cfg.method.name).saves_whole_model, m.quantization)
@@ -210,6 +212,7 @@ def _run(cfg: RunConfig, lock: RunLock) -> dict:
         prepare(out, source)
     accelerator.wait_for_everyone()
     log.info(tuned.describe_parameters())
+    log.info("%s", memory_report)
     log.info("data: %d train / %d eval %s, %d truncated (%d tokens cut), %d dropped with no labels%s",
              len(train_set), len(eval_set), "packed rows" if cfg.data.packing else "examples", stats.truncated,
              stats.tokens_cut, stats.dropped_no_labels,

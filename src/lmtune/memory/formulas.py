@@ -1,0 +1,97 @@
+"""Byte counts for what the CPU trace cannot run, and the terms that hold no tensor.
+
+Sources (see /work/shared/research/memory-accounting.md for the derivations):
+- NF4 with double quantisation: 0.5 B per weight + one uint8 absmax per 64 weights + one fp32 per 64*256
+  (Dettmers et al. 2023, QLoRA, arXiv:2305.14314 section 3: 4.127 bits per parameter).
+- LLM.int8: 1 B per weight + one fp32 scale per output row (bitsandbytes `Int8Params.SCB`).
+- 8-bit AdamW: two uint8 states + one fp32 absmax per 256-value block for each state, for tensors of at
+  least 4096 values; smaller tensors keep fp32 states (bitsandbytes `optim/optimizer.py`, `min_8bit_size`).
+- DDP: a flat gradient bucket per replica, the size of the trainable gradients (torch DDP `Reducer`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lmtune.memory.trace import storage_bytes
+
+MIB = 2**20
+CPU_OVERHEAD = 40 * MIB
+"""Resident memory a CPU training process gains beyond its tensors (autograd engine, oneDNN and OpenMP
+buffers, the model's Python objects): 41-51 MiB in the five 0.2B-model rows of benchmarks/memory_accuracy.py."""
+CPU_OVERHEAD_SHARE = 0.0
+"""Allocator slack in proportion to the tensor peak on CPU (glibc keeps freed chunks), same calibration."""
+CUDA_CONTEXT = 500 * MIB
+"""CUDA context + cuBLAS workspace: held on the device but not counted by torch.cuda.max_memory_allocated."""
+CUDA_ALLOCATOR_SHARE = 0.05
+"""Caching-allocator fragmentation, reserved but not allocated (HF model_memory_anatomy: ~5-20%)."""
+
+
+@dataclass
+class Swaps:
+    """Byte differences between the traced step and the planned run (added to the trace's figures)."""
+
+    weights: int = 0
+    optimizer: int = 0
+    activations: int = 0
+    gradients: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def _quantized_linears(model: nn.Module) -> list[nn.Linear]:
+    """The frozen Linear layers a bitsandbytes load quantizes: inside the blocks, not the LM head."""
+    model = getattr(model, "model", model)  # a TunedModel wraps the transformers model
+    out_embed = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [m for m in model.modules() if type(m) is nn.Linear and not m.weight.requires_grad
+            and m is not out_embed and m.weight.dim() == 2]
+
+
+def quantized_bytes(weight: torch.Tensor, bits: int) -> int:
+    numel = weight.numel()
+    if bits == 4:
+        return math.ceil(numel / 2) + math.ceil(numel / 64) + 4 * math.ceil(numel / (64 * 256))
+    return numel + 4 * weight.shape[0]
+
+
+def adamw_8bit_bytes(param: torch.Tensor) -> int:
+    numel = param.numel()
+    if numel < 4096:
+        return 8 * numel
+    return 2 * numel + 2 * 4 * math.ceil(numel / 256)
+
+
+def swaps(tuned: nn.Module, plan) -> Swaps:
+    """What to change in the traced figures for 8/4-bit base weights, 8-bit AdamW and data parallelism."""
+    out = Swaps()
+    trainable = [p for p in tuned.parameters() if p.requires_grad]
+    if plan.quantization != "none":
+        bits = 4 if plan.quantization == "4bit" else 8
+        linears = _quantized_linears(tuned)
+        before = storage_bytes(m.weight for m in linears)
+        out.weights = sum(quantized_bytes(m.weight, bits) for m in linears) - before
+        # Forward and backward dequantize one weight at a time into the compute dtype.
+        out.activations = max((m.weight.numel() * m.weight.element_size() for m in linears), default=0)
+        out.notes.append(f"{len(linears)} base Linear layers counted at {bits} bit "
+                         f"({'NF4 + double quantisation' if bits == 4 else 'LLM.int8'}), by formula")
+    if plan.optimizer == "adamw-8bit":
+        traced = sum(2 * p.numel() * p.element_size() for p in trainable)  # torch AdamW: m and v in param dtype
+        out.optimizer = sum(adamw_8bit_bytes(p) for p in trainable) - traced
+        out.notes.append("8-bit AdamW states by formula (bitsandbytes block-wise, 256 values per block)")
+    if plan.devices > 1:
+        out.gradients = storage_bytes(trainable) if trainable else 0
+        out.notes.append(f"data parallel on {plan.devices} devices: each holds a full replica, its own "
+                         "micro-batch and a gradient bucket the size of the gradients")
+    if plan.packing:
+        out.notes.append("packing: every position carries loss, as in the worst case")
+    return out
+
+
+def overhead(device: str, tensor_peak: int) -> int:
+    """Memory a run holds besides its tensors, on one device."""
+    if device == "cuda":
+        return CUDA_CONTEXT + int(CUDA_ALLOCATOR_SHARE * tensor_peak)
+    return CPU_OVERHEAD + int(CPU_OVERHEAD_SHARE * tensor_peak)

@@ -1,0 +1,116 @@
+"""The estimate as the user sees it, the memory a device has free, and the pre-flight check of `lmtune train`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from lmtune.errors import LmtuneError
+from lmtune.memory.core import _MODEL_DTYPE_PRECISION, Estimate, MemoryPlan, estimate
+
+GIB = 2**30
+_OPTIMIZER_STATES = {"adamw": "AdamW m and v", "adamw-8bit": "8-bit AdamW m and v", "sgd": "SGD: none"}
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:8.2f} GiB"
+
+
+def format_estimate(est: Estimate) -> str:
+    """The seed's breakdown: weights, gradients, optimizer states, activations, overhead, peak."""
+    p = est.plan
+    method = p["method"]["name"] if isinstance(p["method"], dict) else p["method"]
+    trainable = est.trainable_params
+    lines = [
+        (f"memory estimate for {p['model'] or 'SmolLM2-135M-Instruct'}, method {method}, "
+        f"{p['batch_size']} x {p['seq_len']} tokens ({p['labelled_fraction']:.0%} labelled), {p['precision']}, "
+        f"{p['optimizer']}{', gradient checkpointing' if p['gradient_checkpointing'] else ''}"
+        f"{', ' + p['quantization'] + ' base' if p['quantization'] != 'none' else ''}, task {p['task']}, "
+        f"{p['devices']} x {p['device']}"),
+        (f"  parameters        {est.total_params:,} ({trainable:,} trainable, "
+        f"{100 * trainable / max(est.total_params, 1):.2f}%)"),
+        f"  weights           {_gib(est.weights)}   {est.weights / max(est.total_params, 1):.2f} B per parameter",
+        f"  gradients         {_gib(est.gradients)}   alive at the peak (trainable parameters only)",
+        (f"  optimizer states  {_gib(est.optimizer)}   {_OPTIMIZER_STATES[p['optimizer']]}, "
+        f"{est.optimizer / max(trainable, 1):.2f} B per trainable parameter"),
+        (f"  activations       {_gib(est.activations)}   at the peak, incl. logits and loss buffers; "
+        f"{est.saved_for_backward / GIB:.2f} GiB saved by the forward pass"),
+        f"  overhead          {_gib(est.overhead)}   runtime memory that holds no tensor ({p['device']})",
+        f"  peak per device   {_gib(est.per_device)}",
+    ]
+    if p["devices"] > 1:
+        lines.append(f"  all devices       {_gib(est.total)}")
+    lines += [f"  note: {n}" for n in est.notes]
+    return "\n".join(lines)
+
+
+def available_memory(device: str) -> int:
+    """Bytes free for a new run: MemAvailable on the CPU, the free memory of the current GPU."""
+    if device == "cuda":
+        free, _ = torch.cuda.mem_get_info()
+        return free
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def plan_from_config(cfg) -> MemoryPlan:
+    """The plan of a `RunConfig`; options the config does not have yet keep their defaults."""
+    train, data, model = cfg.train, cfg.data, cfg.model
+    device = "cuda" if train.device != "cpu" and torch.cuda.is_available() else "cpu"
+    return MemoryPlan(
+        model=model.name, method=cfg.method, batch_size=train.batch_size, seq_len=data.max_length,
+        precision=getattr(train, "precision", None) or _MODEL_DTYPE_PRECISION[model.dtype],
+        optimizer=getattr(train, "optimizer", "adamw"),
+        gradient_checkpointing=bool(getattr(train, "gradient_checkpointing", False)),
+        quantization=getattr(model, "quantization", None) or "none",
+        packing=bool(getattr(data, "packing", False)),
+        task="dpo" if cfg.task == "dpo" else "sft", device=device,
+        devices=int(os.environ.get("WORLD_SIZE", "1")), clip_grad=train.max_grad_norm is not None,
+        trust_remote_code=model.trust_remote_code)
+
+
+def suggestions(plan: MemoryPlan, cfg) -> list[str]:
+    """Concrete changes that lower the peak, each one the config can express."""
+    out = []
+    method = getattr(plan.method, "name", plan.method)
+    if method in ("full", "freeze"):
+        out.append("method=lora")
+    if plan.batch_size > 1:
+        out.append(f"train.batch_size={max(1, plan.batch_size // 2)} with "
+                   f"train.grad_accum={2 * cfg.train.grad_accum}")
+    out.append(f"data.max_length={max(2, plan.seq_len // 2)}")
+    if hasattr(cfg.train, "gradient_checkpointing") and not plan.gradient_checkpointing:
+        out.append("train.gradient_checkpointing=true")
+    if hasattr(cfg.model, "quantization") and plan.quantization != "4bit" and method not in ("full", "freeze"):
+        out.append("model.quantization=4bit")
+    return out
+
+
+def preflight(cfg) -> str:
+    """Estimate `cfg`'s run and refuse it (LmtuneError) when it will not fit, unless `force`.
+
+    Runs before anything is loaded; returns the report for the caller to log once the data has loaded
+    (a bad record must fail as one line, with nothing logged before it).
+    """
+    plan = plan_from_config(cfg)
+    try:
+        est = estimate(plan)
+    except Exception as err:  # noqa: BLE001  (the estimator must never be the reason a run cannot start;
+        # a wrong model name is reported by the loader that follows, a model fake tensors cannot run here)
+        return ("memory estimate unavailable "
+                f"({str(err).splitlines()[0] if str(err) else type(err).__name__}); no pre-flight check")
+    text = (format_estimate(est)
+            + "\n  (sequences padded to data.max_length, every position labelled: the worst case)")
+    free = available_memory(plan.device)
+    if est.per_device > free:
+        message = (f"this run needs about {est.per_device / GIB:.2f} GiB per device but {plan.device} has "
+                   f"{free / GIB:.2f} GiB available; try {', '.join(suggestions(plan, cfg))} "
+                   f"(lmtune estimate shows the effect), or set force=true to train anyway")
+        if not getattr(cfg, "force", False):
+            raise LmtuneError(message)
+        text += "\n" + message.replace(", or set force=true to train anyway", "; training anyway (force=true)")
+    return text

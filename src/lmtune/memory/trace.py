@@ -1,0 +1,196 @@
+"""Run one real training step on fake tensors and record the peak of live tensor bytes.
+
+Nothing is computed and nothing is allocated: under `FakeTensorMode` every op only produces the shape,
+dtype and device of its result. A `TorchDispatchMode` sees each op's outputs and counts every new tensor
+storage until Python frees it, which is what an allocator has to hold (torch's `MemTracker` does the
+same with module bookkeeping that costs ~20x the time; we need only the total and a few categories).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary, weakref
+
+
+class LiveBytes(TorchDispatchMode):
+    """Counts the bytes of distinct tensor storages alive, and their peak."""
+
+    def __init__(self, on_peak: Callable[[], None] | None = None) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._sizes: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._on_peak = on_peak
+
+    def add(self, tensor: torch.Tensor) -> None:
+        """Count a tensor made outside the mode (the weights) or by an op inside it."""
+        storage = tensor.untyped_storage()
+        if storage in self._sizes:
+            return
+        size = storage.nbytes()
+        self._sizes[storage] = size
+        weakref.finalize(storage, self._free, size)
+        self.live += size
+        if self.live > self.peak:
+            self.peak = self.live
+            if self._on_peak is not None:
+                self._on_peak()
+
+    def _free(self, size: int) -> None:
+        self.live -= size
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for leaf in tree_leaves(out):
+            if isinstance(leaf, torch.Tensor):
+                self.add(leaf)
+        return out
+
+
+@dataclass
+class StepTrace:
+    """Bytes found by tracing one steady-state training step (the optimizer state already exists)."""
+
+    peak: int
+    """Most bytes alive at once during forward, loss, backward, clipping and the optimizer step."""
+    weights: int
+    """Parameters and buffers (each shared tensor once)."""
+    optimizer: int
+    """Optimizer state."""
+    gradients_at_peak: int
+    """Gradients alive at the moment of the peak (all trainable gradients when the peak is in the step)."""
+    saved_for_backward: int
+    """Activations alive after the forward pass and the loss (what backward will read), logits included."""
+    reference_weights: int = 0
+    """A frozen reference copy (DPO with a method that cannot switch itself off)."""
+
+
+def storage_bytes(tensors: Iterator[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind `tensors`."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        seen.setdefault(storage._cdata, storage.nbytes())
+    return sum(seen.values())
+
+
+@contextlib.contextmanager
+def keep_positions(model: torch.nn.Module, count: int) -> Iterator[None]:
+    """Make a boolean `logits_to_keep` select its first `count` positions without reading the mask.
+
+    A boolean index has a data-dependent size, which fake tensors cannot know; the count is known here.
+    `index_select` copies as boolean indexing does, and its backward scatters into zeros as index_put does.
+    """
+    modules = {sys.modules[type(m).__module__] for m in model.modules()}
+    patched = [m for m in modules if hasattr(m, "slice_logits_to_keep")]
+    originals = {m: m.slice_logits_to_keep for m in patched}
+
+    def select(hidden: torch.Tensor, keep) -> torch.Tensor:
+        if isinstance(keep, torch.Tensor) and keep.dtype == torch.bool and keep.ndim == 2:
+            index = torch.arange(count, device=hidden.device)
+            return hidden.flatten(0, 1).index_select(0, index)
+        return originals[patched[0]](hidden, keep)
+
+    for m in patched:
+        m.slice_logits_to_keep = select
+    try:
+        yield
+    finally:
+        for m, original in originals.items():
+            m.slice_logits_to_keep = original
+
+
+def token_logps_loss(model: torch.nn.Module, input_ids: torch.Tensor, keep: torch.Tensor, count: int,
+                     autocast: contextlib.AbstractContextManager, padded: bool = True) -> torch.Tensor:
+    """The SFT objective's memory path: LM head on the kept positions, fp32 cross-entropy summed.
+
+    `padded`: a batch with padding has an attention mask, from which transformers builds a 4-D mask (fake
+    tensors cannot tell it is all ones, and a padded batch's is not); packed batches run causal with none.
+    """
+    mask = torch.ones_like(input_ids) if padded else None
+    with autocast:
+        logits = model(input_ids=input_ids, attention_mask=mask, logits_to_keep=keep).logits
+    if logits.dim() == 3:  # a model that ignores logits_to_keep returns every position
+        logits = logits[:, :-1].flatten(0, 1)
+        count = logits.shape[0]
+    targets = torch.zeros(count, dtype=torch.long, device=logits.device)
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+def _optimizer(params: list[torch.nn.Parameter], name: str, foreach: bool) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=1e-3, foreach=foreach)
+    return torch.optim.AdamW(params, lr=1e-3, foreach=foreach)  # 8-bit AdamW: fp32 traced, bytes swapped later
+
+
+def trace_step(model: torch.nn.Module, *, batch_size: int, seq_len: int, labelled: int, optimizer: str,
+               autocast_dtype: torch.dtype | None, foreach: bool, clip: bool, reference: str | None,
+               padded: bool = True) -> StepTrace:
+    """Trace the second training step of `model` (already built under FakeTensorMode, method applied).
+
+    `labelled`: positions per sequence that carry loss (they go through the LM head). `reference`: None,
+    "switch" (DPO reference = the same model with the method switched off) or "copy" (a frozen copy).
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:  # optimizer state is created by the first step; the peak is a later one
+        p.grad = torch.zeros_like(p)
+    first = _optimizer(trainable, optimizer, foreach=True)
+    first.step()  # foreach: few ops to fake, the same state
+    opt = _optimizer(trainable, optimizer, foreach)
+    opt.state.update(first.state)  # not load_state_dict: that would copy the foreach choice too
+    for p in trainable:
+        p.grad = None
+    grads_at_peak = [0]
+
+    def on_peak() -> None:
+        grads_at_peak[0] = storage_bytes(p.grad for p in trainable if p.grad is not None)
+
+    tracker = LiveBytes(on_peak)
+    weights = storage_bytes([*model.parameters(), *model.buffers()])
+    state = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    for t in [*model.parameters(), *model.buffers(), *state]:
+        tracker.add(t)
+    device = trainable[0].device.type if trainable else "cpu"
+    autocast = (torch.autocast(device, dtype=autocast_dtype) if autocast_dtype is not None
+                else contextlib.nullcontext())
+    rows = batch_size * (2 if reference else 1)  # DPO: chosen and rejected of every pair
+    with tracker, keep_positions(model, rows * labelled):
+        input_ids = torch.zeros(rows, seq_len, dtype=torch.long, device=device)
+        keep = torch.zeros(rows, seq_len, dtype=torch.bool, device=device)
+        if reference:
+            ref_logps = _reference_logps(model, input_ids, keep, rows * labelled, autocast, reference, padded)
+        loss = token_logps_loss(model, input_ids, keep, rows * labelled, autocast, padded)
+        if reference:
+            loss = loss + ref_logps.sum()
+        saved = tracker.live
+        loss.backward()
+        del loss
+        if clip:
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0, foreach=foreach)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    opt_bytes = storage_bytes(state)
+    return StepTrace(peak=tracker.peak, weights=weights, optimizer=opt_bytes, gradients_at_peak=grads_at_peak[0],
+                     saved_for_backward=saved - weights - opt_bytes,
+                     reference_weights=weights if reference == "copy" else 0)
+
+
+def _reference_logps(model, input_ids, keep, count, autocast, reference: str, padded: bool) -> torch.Tensor:
+    """DPO's reference pass: no graph, only per-token log-probabilities survive."""
+    switches = [m for m in model.modules() if hasattr(m, "disabled")] if reference == "switch" else []
+    for m in switches:
+        m.disabled = True
+    try:
+        with torch.no_grad():
+            return token_logps_loss(model, input_ids, keep, count, autocast, padded).reshape(1)
+    finally:
+        for m in switches:
+            m.disabled = False

@@ -1,0 +1,195 @@
+"""`lmtune.memory`: the fake-tensor trace against torch's MemTracker on a real training step, parameter counts
+against the materialised model and PEFT, bytes per parameter against hand counts, the CLI and the pre-flight."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch.distributed._tools.mem_tracker import MemTracker
+
+from lmtune.cli import main
+from lmtune.config import load_config
+from lmtune.errors import LmtuneError
+from lmtune.memory import MemoryPlan, estimate, report
+from lmtune.memory.formulas import adamw_8bit_bytes, quantized_bytes
+from lmtune.methods import method_names
+from lmtune.models import load_weights
+from lmtune.objectives import sft_loss
+from lmtune.train import run
+from lmtune.tuned import apply
+
+B, S = 2, 24
+# Options each registered method needs to train something; methods merged later train with their defaults.
+METHOD_OPTIONS = {"freeze": {"last_n_layers": 1}}
+
+
+def _method(name: str) -> dict:
+    return {"name": name, **METHOD_OPTIONS.get(name, {})}
+
+
+class _Tracker(MemTracker):
+    """MemTracker, but without its per-parameter gradient hooks, which fail on frozen parameters (LoRA)
+    ("cannot register a hook on a tensor that doesn't require gradient"). Gradients are still counted, as
+    op outputs; only their category label is lost, and the test compares totals."""
+
+    def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+        return super()._track_module_params_and_buffers(module, install_grad_hooks=False)
+
+
+def _real_step_peak(model_dir: str, method, checkpointing: bool = False) -> int:
+    """MemTracker's peak over the second of two real training steps, run as lmtune.train runs them."""
+    torch.manual_seed(0)
+    tuned = apply(load_weights(model_dir), method)
+    if checkpointing:
+        tuned.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    tuned.train()
+    params = [p for p in tuned.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    ids = torch.randint(3, 300, (B, S))
+    mask = torch.ones_like(ids)
+    mask[0, -1] = 0  # one padded position: a padded batch, as lmtune's collate makes them
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+    def step() -> None:
+        loss, count, _ = sft_loss(tuned, batch)
+        (loss / count).backward()
+        del loss
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    tracker = _Tracker()
+    tracker.track_external(tuned, opt)
+    with tracker:
+        step()
+    return tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+
+
+@pytest.mark.parametrize(("method", "checkpointing"), [
+    ("full", False), ("lora", False), ({"name": "lora", "target_modules": "all-linear", "dropout": 0.1}, False),
+    ({"name": "freeze", "last_n_layers": 1}, False), ("full", True), ("lora", True)])
+def test_trace_matches_memtracker_on_a_real_step(model_dir, method, checkpointing):
+    predicted = estimate(MemoryPlan(model=model_dir, method=method, batch_size=B, seq_len=S,
+                                    gradient_checkpointing=checkpointing))
+    measured = _real_step_peak(model_dir, method, checkpointing)
+    assert predicted.per_device - predicted.overhead == pytest.approx(measured, rel=0.03)
+
+
+@pytest.mark.parametrize("name", method_names())
+def test_trainable_parameters_equal_the_materialised_model(model_dir, name):
+    tuned = apply(load_weights(model_dir), _method(name))
+    real = tuned.trainable_parameters()
+    predicted = estimate(MemoryPlan(model=model_dir, method=_method(name), batch_size=1, seq_len=8))
+    assert (predicted.trainable_params, predicted.total_params) == real
+
+
+def test_lora_trainable_parameters_equal_peft(model_dir):
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(load_weights(model_dir), LoraConfig(r=4, target_modules=["q_proj", "down_proj"]))
+    trainable, _ = peft_model.get_nb_trainable_parameters()
+    plan = MemoryPlan(model=model_dir, method={"name": "lora", "r": 4, "target_modules": ["q_proj", "down_proj"]},
+                      batch_size=1, seq_len=8)
+    assert estimate(plan).trainable_params == trainable
+
+
+@pytest.mark.parametrize(("precision", "optimizer", "weight_bytes", "state_bytes"), [
+    ("fp32", "adamw", 4, 8), ("bf16", "adamw", 2, 4), ("fp16", "sgd", 2, 0), ("bf16-mixed", "adamw", 4, 8)])
+def test_model_states_per_parameter_by_hand(model_dir, precision, optimizer, weight_bytes, state_bytes):
+    est = estimate(MemoryPlan(model=model_dir, method="full", batch_size=1, seq_len=8, precision=precision,
+                              optimizer=optimizer))
+    n = est.total_params
+    assert est.weights == pytest.approx(weight_bytes * n, abs=64)  # + the rotary inv_freq buffer
+    assert est.optimizer == state_bytes * n + (4 * _param_tensors(model_dir) if optimizer == "adamw" else 0)
+
+
+def _param_tensors(model_dir: str) -> int:
+    """AdamW keeps one fp32 step counter per parameter tensor."""
+    return len(list(load_weights(model_dir).parameters()))
+
+
+def test_eight_bit_adamw_and_four_bit_base_by_hand(model_dir):
+    base = estimate(MemoryPlan(model=model_dir, method="lora", batch_size=1, seq_len=8))
+    qlora = estimate(MemoryPlan(model=model_dir, method="lora", batch_size=1, seq_len=8, quantization="4bit",
+                                optimizer="adamw-8bit"))
+    model = load_weights(model_dir)
+    linears = [m for name, m in model.model.layers.named_modules() if isinstance(m, torch.nn.Linear)]
+    saved = sum(4 * m.weight.numel() - quantized_bytes(m.weight, 4) for m in linears)
+    assert base.weights - qlora.weights == saved
+    assert quantized_bytes(torch.empty(64, 256), 4) == 64 * 256 // 2 + 64 * 256 // 64 + 4  # 4.127 bits per weight
+    assert adamw_8bit_bytes(torch.empty(1, 100)) == 800 and adamw_8bit_bytes(torch.empty(512, 16)) == 2 * 8192 + 2 * 4 * 8192 // 256
+    with pytest.raises(LmtuneError, match="lora"):
+        estimate(MemoryPlan(model=model_dir, method="full", quantization="4bit"))
+
+
+def test_dpo_with_full_tuning_holds_a_reference_copy(model_dir):
+    sft = estimate(MemoryPlan(model=model_dir, method="full", batch_size=B, seq_len=S))
+    dpo = estimate(MemoryPlan(model=model_dir, method="full", batch_size=B, seq_len=S, task="dpo"))
+    lora_dpo = estimate(MemoryPlan(model=model_dir, method="lora", batch_size=B, seq_len=S, task="dpo"))
+    assert dpo.weights == 2 * sft.weights
+    assert dpo.saved_for_backward > 1.9 * sft.saved_for_backward  # chosen and rejected: twice the rows
+    assert lora_dpo.weights < 1.5 * sft.weights  # no copy: the reference is the model with LoRA switched off
+
+
+def test_data_parallel_replicates_and_adds_a_gradient_bucket(model_dir):
+    one = estimate(MemoryPlan(model=model_dir, method="full", batch_size=B, seq_len=S))
+    four = estimate(MemoryPlan(model=model_dir, method="full", batch_size=B, seq_len=S, devices=4))
+    assert four.per_device - one.per_device == 4 * one.trainable_params
+    assert four.total == 4 * four.per_device
+
+
+def test_logits_dominate_and_scale_with_the_labelled_fraction(model_dir):
+    full = estimate(MemoryPlan(model=model_dir, method="lora", batch_size=4, seq_len=64))
+    half = estimate(MemoryPlan(model=model_dir, method="lora", batch_size=4, seq_len=64, labelled_fraction=0.5))
+    vocab = 320
+    # 4 bytes of fp32 logits per labelled position and vocabulary entry saved for backward, at least.
+    assert full.saved_for_backward - half.saved_for_backward >= 4 * 4 * math.floor(63 / 2) * vocab
+
+
+def test_cli_estimate_json_and_text(model_dir, capsys):
+    assert main(["estimate", "--model", model_dir, "--method", "lora", "--batch-size", "2", "--seq-len", "16",
+                 "--json", "method.r=4"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["plan"]["method"]["r"] == 4 and out["per_device"] > out["weights"] > 0
+    assert main(["estimate", "--model", model_dir, "--method", "full", "--precision", "bf16-mixed"]) == 0
+    text = capsys.readouterr().out
+    for term in ("weights", "gradients", "optimizer states", "activations", "overhead", "peak per device"):
+        assert term in text
+
+
+def test_cli_estimate_reads_the_training_yaml(model_dir, tmp_path, capsys):
+    yaml_path = tmp_path / "run.yaml"
+    yaml_path.write_text(f"model: {model_dir}\nmethod: {{name: lora, r: 2}}\ndata: {{train: x.jsonl, max_length: 40}}"
+                         "\ntrain: {batch_size: 3}\n")
+    assert main(["estimate", str(yaml_path), "--json", "--device", "cpu"]) == 0
+    plan = json.loads(capsys.readouterr().out)["plan"]
+    assert (plan["batch_size"], plan["seq_len"], plan["method"]["r"]) == (3, 40, 2)
+
+
+def test_cli_estimate_user_errors_are_one_line(model_dir, capsys):
+    assert main(["estimate", "--model", model_dir, "--method", "full", "--quantization", "4bit"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lmtune: error:") and "\n" not in err
+    assert main(["estimate", "--model", str(model_dir) + "-missing"]) == 2
+
+
+def _write_data(tmp_path) -> str:
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"text": f"hello number {i}"}) + "\n" for i in range(4)))
+    return str(path)
+
+
+def test_preflight_refuses_a_run_that_does_not_fit(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "available_memory", lambda device: 1024)
+    cfg = load_config(None, [f"model.name={model_dir}", f"data.train={_write_data(tmp_path)}", "method=full",
+                             f"output_dir={tmp_path / 'run'}", "train.device=cpu", "train.steps=1"])
+    with pytest.raises(LmtuneError, match="method=lora.*force=true"):
+        run(cfg)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+    cfg.force = True
+    assert run(cfg)["steps"] == 1
+
