@@ -54,8 +54,8 @@ CASES = {
                                 "wrong_field_type.jsonl:1: field 'completion' must be a string (a int)"),
     "empty dataset": ([*TRAIN[:2], "data.train=empty.jsonl", *TRAIN[3:]], "empty.jsonl: no records"),
     "not UTF-8": ([*TRAIN[:2], "data.train=latin1.jsonl", *TRAIN[3:]], "latin1.jsonl: not UTF-8 text"),
-    "unknown data format": ([*TRAIN[:2], "data.train=data.txt", *TRAIN[3:]],
-                            "data.txt: unknown data format '.txt'"),
+    "unknown data format": ([*TRAIN[:2], "data.train=data.xml", *TRAIN[3:]],
+                            "data.xml: unknown data format '.xml'"),
     "missing data file": ([*TRAIN[:2], "data.train=nope.jsonl", *TRAIN[3:]], "data file not found: nope.jsonl"),
     "all labels masked": ([*TRAIN[:2], "data.train=long_prompt.jsonl", *TRAIN[3:], "data.max_length=8"],
                           "long_prompt.jsonl: no example has a token to learn after truncation to 8 tokens"),
@@ -190,7 +190,7 @@ def work(tmp_path_factory, model_dir, no_merge_method) -> dict[str, str]:
     write_jsonl(w / "wrong_field_type.jsonl", [{"prompt": "hi", "completion": 4}])
     (w / "empty.jsonl").write_text("\n")
     (w / "latin1.jsonl").write_bytes(json.dumps({"text": "caf\u00e9"}, ensure_ascii=False).encode("latin-1"))
-    (w / "data.txt").write_text("hello\n")
+    (w / "data.xml").write_text("hello\n")
     write_jsonl(w / "long_prompt.jsonl", [{"prompt": "red green blue " * 20, "completion": "ok"}])
     write_jsonl(w / "long_text.jsonl", [{"text": "red green and blue " * 50}])
     (w / "invalid.yaml").write_text("data:\n  train: [good.jsonl\n")

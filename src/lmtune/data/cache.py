@@ -37,7 +37,8 @@ def cache_key(path: str, fingerprint: str, options: dict[str, Any]) -> str | Non
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     digest.update(fingerprint.encode())
-    digest.update(json.dumps({"version": VERSION, **options}, sort_keys=True).encode())
+    # The path too: its suffix decides how the bytes parse, and its name is in the error locations kept.
+    digest.update(json.dumps({"version": VERSION, "path": str(p.resolve()), **options}, sort_keys=True).encode())
     return digest.hexdigest()[:32]
 
 
