@@ -113,8 +113,10 @@ def apply_prefix(model: nn.Module, cfg: PrefixConfig) -> None:
     token_dim, out = _width(model)
     hidden = cfg.encoder_hidden_size or token_dim
     embedding = new_embedding(model, cfg.num_virtual_tokens, token_dim)
-    head = nn.Sequential(nn.Linear(token_dim, hidden), nn.Tanh(), nn.Linear(hidden, out))
-    attach(model, VirtualTokens(embedding, head.to(embedding.weight.device)))
+    # Built on the embedding's device, not moved there: `.to()` cannot swap fake tensors (memory estimate).
+    with torch.device(embedding.weight.device):
+        head = nn.Sequential(nn.Linear(token_dim, hidden), nn.Tanh(), nn.Linear(hidden, out))
+    attach(model, VirtualTokens(embedding, head))
 
 
 def apply_p_tuning_v2(model: nn.Module, cfg: PTuningV2Config) -> None:

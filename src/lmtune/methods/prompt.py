@@ -125,9 +125,11 @@ def apply_p_tuning(model: nn.Module, cfg: PTuningConfig) -> None:
     dim = _token_dim(model)
     hidden = cfg.encoder_hidden_size or dim
     embedding = new_embedding(model, cfg.num_virtual_tokens, dim)
-    head = (_mlp_head(dim, hidden) if cfg.encoder == "mlp"
-            else LstmHead(dim, hidden, cfg.encoder_num_layers, cfg.encoder_dropout))
-    attach(model, VirtualTokens(embedding, head.to(embedding.weight.device)))
+    # Built on the embedding's device, not moved there: `.to()` cannot swap fake tensors (memory estimate).
+    with torch.device(embedding.weight.device):
+        head = (_mlp_head(dim, hidden) if cfg.encoder == "mlp"
+                else LstmHead(dim, hidden, cfg.encoder_num_layers, cfg.encoder_dropout))
+    attach(model, VirtualTokens(embedding, head))
 
 
 def prepare_inputs(model: nn.Module, inputs: dict[str, Any]) -> tuple[dict[str, Any], int]:
