@@ -1,8 +1,8 @@
 """Peak memory and step time of LoRA on the default model by precision, base quantization and checkpointing.
 
-Usage: python benchmarks/scale_table.py [--steps 4] [--out benchmarks/results/scale.md]
+Usage: python benchmarks/scale_table.py [--steps 4] [--batch-size 4] [--seq-len 256] [--out benchmarks/results/scale.md]
 
-Every configuration is a real `lmtune train` run (batch 4 x 256 tokens: long texts cut to 256) in a fresh
+Every configuration is a real `lmtune train` run (batch x seq-len tokens: long texts cut to seq-len) in a fresh
 process; peak memory is the process's peak RSS above its baseline before the model is loaded (with glibc
 told to return freed memory at once, so the peak is not hidden by allocator caching); step time is the median
 over the steps after the first. Ratios are against fp32 LoRA measured in the same invocation.
@@ -46,10 +46,10 @@ def text_file(directory: Path) -> Path:
     return path
 
 
-def measure(overrides: list[str], steps: int, work: Path, name: str) -> dict:
+def measure(overrides: list[str], steps: int, batch: int, seq: int, work: Path, name: str) -> dict:
     out = work / name
-    args = [f"data.train={text_file(work)}", "data.max_length=256", "method=lora", "method.target_modules=all-linear",
-            f"train.steps={steps}", "train.batch_size=4", "train.lr=1e-4", "train.device=cpu",
+    args = [f"data.train={text_file(work)}", f"data.max_length={seq}", "method=lora", "method.target_modules=all-linear",
+            f"train.steps={steps}", f"train.batch_size={batch}", "train.lr=1e-4", "train.device=cpu",
             f"output_dir={out}", "overwrite=true", *overrides]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
     proc = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True, text=True, env=env)
@@ -57,13 +57,15 @@ def measure(overrides: list[str], steps: int, work: Path, name: str) -> dict:
         return {"error": proc.stderr.strip().splitlines()[-1]}
     peak_kb = int(next(line.split()[1] for line in proc.stdout.splitlines() if line.startswith("PEAK_KB")))
     rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in r]
-    seconds = [1024 / r["tokens_per_s"] for r in rows[1:]]  # 4 x 256 tokens per step
+    seconds = [batch * seq / r["tokens_per_s"] for r in rows[1:]]  # every row is full: long texts cut to seq
     return {"peak_gb": peak_kb / 2**20, "s_per_step": statistics.median(seconds), "loss": rows[-1]["loss"]}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "scale.md"))
     args = p.parse_args()
     results = []
@@ -71,7 +73,7 @@ def main() -> None:
         for label, overrides in CONFIGS:
             for checkpointing in (False, True):
                 extra = ["train.gradient_checkpointing=true"] if checkpointing else []
-                r = measure(overrides + extra, args.steps, Path(tmp), f"run{len(results)}")
+                r = measure(overrides + extra, args.steps, args.batch_size, args.seq_len, Path(tmp), f"run{len(results)}")
                 r.update(config=label, checkpointing=checkpointing)
                 results.append(r)
                 print(json.dumps(r), flush=True)
