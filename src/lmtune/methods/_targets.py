@@ -135,3 +135,19 @@ def in_out_features(module: nn.Module) -> tuple[int, int]:
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def install(model: nn.Module, layers: dict[str, nn.Module]) -> None:
+    """Freeze the whole model, then put the (already built) wrappers in place: only their new parameters train."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for name, layer in layers.items():
+        replace_module(model, name, layer)
+
+
+def merge_wrappers(model: nn.Module, wrapper: type[nn.Module]) -> nn.Module:
+    """Fold every `wrapper` module into its base layer and put the base layer back in its place."""
+    for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, wrapper)]:
+        module.merge()
+        replace_module(model, name, module.base_layer)
+    return model

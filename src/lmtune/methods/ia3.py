@@ -25,7 +25,8 @@ from lmtune.methods._targets import (
     DEFAULT_IA3_FEEDFORWARD,
     DEFAULT_IA3_TARGETS,
     in_out_features,
-    replace_module,
+    install,
+    merge_wrappers,
     resolve_targets,
 )
 
@@ -135,18 +136,11 @@ def apply(model: nn.Module, cfg: IA3Config) -> None:
             raise LmtuneError(f"ia3: feedforward_modules {stray} must also be in target_modules")
     layers = {name: IA3Linear(model.get_submodule(name), is_feedforward(name, feedforward), cfg.init)
               for name in names}
-    for param in model.parameters():
-        param.requires_grad_(False)
-    for name, layer in layers.items():
-        replace_module(model, name, layer)
+    install(model, layers)
 
 
 def merge(model: nn.Module) -> nn.Module:
-    wrapped = [(name, m) for name, m in model.named_modules() if isinstance(m, IA3Linear)]
-    for name, module in wrapped:
-        module.merge()
-        replace_module(model, name, module.base_layer)
-    return model
+    return merge_wrappers(model, IA3Linear)
 
 
 def to_peft(cfg: IA3Config, model: nn.Module) -> dict:

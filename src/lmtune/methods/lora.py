@@ -20,7 +20,13 @@ from transformers.pytorch_utils import Conv1D
 
 from lmtune.errors import LmtuneError
 from lmtune.methods import Method, MethodConfig, register
-from lmtune.methods._targets import DEFAULT_LORA_TARGETS, in_out_features, replace_module, resolve_targets
+from lmtune.methods._targets import (
+    DEFAULT_LORA_TARGETS,
+    in_out_features,
+    install,
+    merge_wrappers,
+    resolve_targets,
+)
 
 
 class LoraConfig(MethodConfig):
@@ -120,18 +126,11 @@ def apply(model: nn.Module, cfg: LoraConfig) -> None:
     # Build every wrapper before touching the model, so a target that cannot be wrapped leaves it unchanged.
     names = resolve_targets(model, cfg.target_modules, DEFAULT_LORA_TARGETS, "lora")
     layers = {name: LoraLinear(model.get_submodule(name), cfg) for name in names}
-    for param in model.parameters():
-        param.requires_grad_(False)
-    for name, layer in layers.items():
-        replace_module(model, name, layer)
+    install(model, layers)
 
 
 def merge(model: nn.Module) -> nn.Module:
-    wrapped = [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLinear)]
-    for name, module in wrapped:
-        module.merge()
-        replace_module(model, name, module.base_layer)
-    return model
+    return merge_wrappers(model, LoraLinear)
 
 
 _PEFT_INIT = {"kaiming": True, "gaussian": "gaussian", "random": False}
