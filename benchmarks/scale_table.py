@@ -1,11 +1,15 @@
 """Peak memory and step time of LoRA on the default model by precision, base quantization and checkpointing.
 
-Usage: python benchmarks/scale_table.py [--steps 4] [--batch-size 4] [--seq-len 256] [--out benchmarks/results/scale.md]
+Usage: python benchmarks/scale_table.py [--steps 4] [--batch-size 4] [--seq-len 256] [--threads N] [--cpu-time]
+       [--out benchmarks/results/scale.md]
 
 Every configuration is a real `lmtune train` run (batch x seq-len tokens: long texts cut to seq-len) in a fresh
-process; peak memory is the process's peak RSS above its baseline before the model is loaded (with glibc
-told to return freed memory at once, so the peak is not hidden by allocator caching); step time is the median
-over the steps after the first. Ratios are against fp32 LoRA measured in the same invocation.
+process. Memory is the training run's peak resident memory above the process's own before the model is loaded: the
+RSS high-water mark is reset once the model is loaded (loading's transient fp32 copies are not training memory), and
+glibc is told to return freed memory at once, so the peak is not hidden by allocator caching. Step time is the
+median over the steps after the first. Ratios are against fp32 LoRA measured in the same invocation. When other work
+shares the machine, `--threads 1 --cpu-time` keeps the step times steady: one torch thread (intra-op threads wait for
+each other, so one starved thread slows every step many times over), timed in CPU seconds of the process.
 """
 
 from __future__ import annotations
@@ -28,12 +32,29 @@ CONFIGS = [  # (label, overrides)
     ("4-bit NF4 base (QLoRA)", ["model.quantization=4bit", "model.double_quant=true"]),
 ]
 CHILD = """
-import json, resource, sys
+import re, sys, time
+if "--cpu-time" in sys.argv:  # the loop's step clock reads this process's CPU seconds instead of wall seconds
+    sys.argv.remove("--cpu-time")
+    time.perf_counter = time.process_time
+import lmtune.train as train
 from lmtune.config import load_config
-from lmtune.train import run
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-run(load_config(None, sys.argv[1:]))
-print("PEAK_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)
+
+def kb(field):
+    return int(re.search(field + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+
+base = kb("VmRSS")
+loop = train._loop
+
+def measured_loop(*args, **kwargs):
+    # loading (fp32 weights read, then cast or quantized) has its own peak; reset the high-water mark so the
+    # figure is the training run's: weights, adapter, gradients, optimizer states, activations
+    open("/proc/self/clear_refs", "w").write("5")
+    result = loop(*args, **kwargs)
+    print("PEAK_KB", kb("VmHWM") - base)
+    return result
+
+train._loop = measured_loop
+train.run(load_config(None, sys.argv[1:]))
 """
 
 
@@ -46,13 +67,16 @@ def text_file(directory: Path) -> Path:
     return path
 
 
-def measure(overrides: list[str], steps: int, batch: int, seq: int, work: Path, name: str) -> dict:
+def measure(overrides: list[str], steps: int, batch: int, seq: int, work: Path, name: str, threads: int,
+            cpu_time: bool) -> dict:
     out = work / name
     args = [f"data.train={text_file(work)}", f"data.max_length={seq}", "method=lora", "method.target_modules=all-linear",
             f"train.steps={steps}", f"train.batch_size={batch}", "train.lr=1e-4", "train.device=cpu",
             f"output_dir={out}", "overwrite=true", *overrides]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
-    proc = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True, text=True, env=env)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    proc = subprocess.run([sys.executable, "-c", CHILD, *args, *(["--cpu-time"] if cpu_time else [])], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1]}
     peak_kb = int(next(line.split()[1] for line in proc.stdout.splitlines() if line.startswith("PEAK_KB")))
@@ -66,6 +90,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
+    p.add_argument("--cpu-time", action="store_true", help="time steps in CPU seconds of the process, not wall seconds")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "scale.md"))
     args = p.parse_args()
     results = []
@@ -73,12 +99,14 @@ def main() -> None:
         for label, overrides in CONFIGS:
             for checkpointing in (False, True):
                 extra = ["train.gradient_checkpointing=true"] if checkpointing else []
-                r = measure(overrides + extra, args.steps, args.batch_size, args.seq_len, Path(tmp), f"run{len(results)}")
+                r = measure(overrides + extra, args.steps, args.batch_size, args.seq_len, Path(tmp), f"run{len(results)}",
+                            args.threads, args.cpu_time)
                 r.update(config=label, checkpointing=checkpointing)
                 results.append(r)
                 print(json.dumps(r), flush=True)
     base = next(r for r in results if r["config"] == "fp32" and not r["checkpointing"])
-    lines = ["| LoRA on | grad. checkpointing | peak memory (GB) | vs fp32 | s / step | vs fp32 |",
+    clock = "CPU s / step" if args.cpu_time else "s / step"
+    lines = [f"| LoRA on | grad. checkpointing | training peak memory (GB) | vs fp32 | {clock} | vs fp32 |",
              "|---|---|---|---|---|---|"]
     for r in results:
         if "error" in r:
