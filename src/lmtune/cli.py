@@ -157,8 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     except LmtuneError as err:
         print(f"lmtune: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("lmtune: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:  # a training run stopped by a signal says where its checkpoint is
+        print(f"lmtune: {str(err) or 'interrupted'}", file=sys.stderr)
         return 130
     return 0
 
