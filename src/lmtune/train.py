@@ -301,16 +301,22 @@ def _loop(cfg, model, optimizer, scheduler, loader, eval_loader, steps, accelera
             record({"step": step, **evaluated})
             bar.write(f"step {step}: " + ", ".join(f"{k.removeprefix('eval_')} {v:.4g}" for k, v in evaluated.items()))
         summary["loss"] = step_loss
-        # Every process stops after the same step (a signal may reach only some of them).
-        stopping = stop is not None and _global_sum(accelerator, float(stop.requested)) > 0
-        save_if_due(out, step, steps, cfg, accelerator, model, optimizer, scheduler, summary, force=stopping)
-        if stopping:
-            raise Stopped(f"stopped after step {step} of {steps}; its checkpoint is in {out / 'checkpoints'}; "
-                          "run the same config again to resume")
+        _save_or_stop(out, step, steps, cfg, accelerator, model, optimizer, scheduler, summary, stop)
     summary["train_seconds"] = time.perf_counter() - model_start
     if metrics:
         metrics.close()
     return summary
+
+
+def _save_or_stop(out: Path, step: int, steps: int, cfg, accelerator, model, optimizer, scheduler, summary: dict,
+                  stop: StopFlag | None) -> None:
+    """Checkpoint when due; on a stop request, checkpoint this step and leave (raises `Stopped`)."""
+    # Every process stops after the same step (a signal may reach only some of them).
+    stopping = stop is not None and _global_sum(accelerator, float(stop.requested)) > 0
+    save_if_due(out, step, steps, cfg, accelerator, model, optimizer, scheduler, summary, force=stopping)
+    if stopping:
+        raise Stopped(f"stopped after step {step} of {steps}; its checkpoint is in {out / 'checkpoints'}; "
+                      "run the same config again to resume")
 
 
 def _accumulate(model, micro: list[dict], objective, accelerator: Accelerator) -> tuple[float, float, dict]:
