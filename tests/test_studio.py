@@ -61,6 +61,7 @@ def page(studio):
 def shot(page, name: str) -> None:
     if SHOTS:
         Path(SHOTS).mkdir(parents=True, exist_ok=True)
+        page.evaluate("window.scrollTo(0, 0)")
         page.screenshot(path=str(Path(SHOTS) / f"{name}.png"), full_page=False)
 
 
@@ -170,7 +171,7 @@ def test_configure_launch_watch_stop_chat_compare(page, studio, model_dir):
         page.check(f'#compare-list input[value="{run}"]')
     page.wait_for_function("document.querySelectorAll('#compare-rows tr').length === 3")
     summary = json.loads((out / "summary.json").read_text())
-    row = page.locator("#compare-rows tr", has_text="tiny").inner_text().split("\t")
+    row = next(r for r in (t.split("\t") for t in page.locator("#compare-rows tr").all_inner_texts()) if r[0] == "tiny")
     assert row[:2] == ["tiny", "lora"] and row[3].startswith(f"{summary['trainable_params']:,} (")
     assert float(row[6]) == pytest.approx(summary["loss"], rel=1e-3)
     assert page.locator("#compare-chart polyline.series").count() >= 2

@@ -105,9 +105,11 @@ class Runs:
         """Ask a run to stop: it finishes its step, saves a checkpoint (resumable) and exits."""
         with self._lock:
             proc = self._procs.get(out.resolve())
-        if proc is None or proc.poll() is not None:
-            raise LmtuneError(f"{out} is not a run this studio started and is running")
-        proc.send_signal(signal.SIGINT)
+        if proc is not None and proc.poll() is None:
+            return proc.send_signal(signal.SIGINT)
+        if not _locked(out):  # a run started elsewhere holds the lock and wrote its pid into it
+            raise LmtuneError(f"{out} is not running")
+        os.kill(int((out / LOCK).read_text().split()[0]), signal.SIGINT)
 
     def status(self, out: Path) -> dict[str, Any]:
         out = out.resolve()
@@ -123,7 +125,7 @@ class Runs:
         else:
             state = "failed" if code else "incomplete"
         log = _log_tail(out / LOG)
-        errors = [line for line in log.splitlines() if line.startswith("lmtune: ")]
+        errors = [line for line in log.splitlines() if line.startswith(("lmtune: error", "lmtune: stopped"))]
         progress = re.findall(r"\| *(\d+)/(\d+) \[", log)
         return {"dir": str(out), "name": self.name(out), "status": state, "returncode": code, "log": log,
                 "message": errors[-1] if errors else "", "rows": _rows(out / "metrics.jsonl"),
