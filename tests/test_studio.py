@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from lmtune.checkpoint import load
-from lmtune.config import load_config
+from lmtune.config import dump_config, load_config
 from lmtune.inference import generate
 from lmtune.memory import estimate
 from lmtune.memory.report import available_memory, plan_from_config
@@ -176,3 +176,15 @@ def test_configure_launch_watch_stop_chat_compare(page, studio, model_dir):
     assert float(row[6]) == pytest.approx(summary["loss"], rel=1e-3)
     assert page.locator("#compare-chart polyline.series").count() >= 2
     shot(page, "compare")
+
+    # YAML in and out: an example loads into the form; Save writes what `lmtune train` reads as the same config.
+    page.click('nav button[data-page="configure"]')
+    example = Path(__file__).parent.parent / "examples" / "quickstart.yaml"
+    page.set_input_files("#load-yaml", str(example))
+    page.wait_for_function("document.querySelector('[name=\"method.target_modules\"]').value === 'all-linear'")
+    assert page.input_value('[name="train.steps"]') == "80" and page.input_value('[name="method.dropout"]') == "0.05"
+    with page.expect_download() as download:
+        page.click("#save-yaml")
+    saved = root / "saved.yaml"
+    download.value.save_as(saved)
+    assert dump_config(load_config(saved)) == dump_config(load_config(example))

@@ -52,6 +52,7 @@ function fieldRow(key, prop, required) {
     input = document.createElement("select");
     k.options.forEach(o => input.add(new Option(o, o)));
   } else if (k.kind === "array") { input = document.createElement("textarea"); input.rows = 2; }
+  else if (k.kind === "string") { input = document.createElement("textarea"); input.rows = 1; }  // may hold newlines
   else { input = document.createElement("input"); input.type = "text"; }
   input.id = id; input.name = key; input.dataset.kind = k.kind; input.dataset.nullable = k.nullable ? "1" : "";
   if (k.kind === "array") input.placeholder = "one per line" + (k.nullable ? " (empty: none)" : "");
