@@ -116,3 +116,16 @@ def test_schema_holds_every_config_key_and_method():
     documented = {line.split()[0] for line in describe_keys().splitlines()
                   if line.startswith("  ") and not line.startswith(("  method", "  (none)"))}
     assert documented <= keys | {"method"}
+
+
+def test_studio_on_a_busy_port_is_one_line(capfd):
+    import socket
+
+    from lmtune.cli import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        assert main(["studio", "--port", str(busy.getsockname()[1])]) == 2
+    err = capfd.readouterr().err
+    assert err.startswith("lmtune: error: cannot listen on 127.0.0.1:") and err.count("\n") == 1
