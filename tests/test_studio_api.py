@@ -21,8 +21,9 @@ FORM = ['data.train=["a.jsonl", {"path": "b.jsonl", "weight": 2}]', "method.name
         'method.target_modules=["q_proj", "v_proj"]', 'output_dir="runs/123"']
 
 
-def test_form_overrides_make_the_config_the_cli_makes():
-    assert dump_config(forms.build(FORM)) == dump_config(load_config(None, FORM))
+@pytest.mark.parametrize("form", [FORM, ["data.train=x.jsonl", "method.r=16"], ["data.train=x.jsonl", "method=ia3"]])
+def test_form_overrides_make_the_config_the_cli_makes(form):
+    assert dump_config(forms.build(form)) == dump_config(load_config(None, form))
 
 
 def test_every_field_error_is_reported_with_its_key():
@@ -129,3 +130,17 @@ def test_studio_on_a_busy_port_is_one_line(capfd):
         assert main(["studio", "--port", str(busy.getsockname()[1])]) == 2
     err = capfd.readouterr().err
     assert err.startswith("lmtune: error: cannot listen on 127.0.0.1:") and err.count("\n") == 1
+
+
+def test_estimate_needs_no_data_but_a_run_does(base_url, model_dir):
+    from lmtune.memory import estimate
+    from lmtune.memory.report import plan_from_config
+
+    form = [f"model.name={model_dir}", "data.train=[]", "train.batch_size=3", "data.max_length=16", "method.r=2"]
+    code, body = call(base_url + "/api/estimate", {"overrides": form})
+    expected = estimate(plan_from_config(load_config(None, [*form, "data.train=x.jsonl"])))
+    assert code == 200, body
+    assert body["per_device"] == expected.per_device and body["plan"]["batch_size"] == 3
+    for api in ("validate", "launch"):
+        code, body = call(f"{base_url}/api/{api}", {"overrides": form})
+        assert code == 422 and body["errors"][0]["field"] == "data.train"

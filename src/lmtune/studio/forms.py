@@ -15,6 +15,7 @@ from lmtune.errors import LmtuneError
 from lmtune.methods import get_method, method_names
 
 GIB = 2**30
+NO_DATA = "(not read by the estimate)"
 
 
 class FieldErrors(Exception):
@@ -62,8 +63,10 @@ def build(overrides: list[str]) -> RunConfig:
 
 def _validate(raw: dict[str, Any], problems: list[tuple[str, str]]) -> RunConfig:
     """Validate the method section and the rest separately, so that every mistake is reported at once."""
-    method = raw.pop("method", None) or RunConfig.model_fields["method"].default
-    method = method if isinstance(method, dict) else {"name": str(method)}
+    default = RunConfig.model_fields["method"].default
+    method = raw.pop("method", None) or default
+    # `method.r=16` alone sets options of the default method, as in `lmtune train`
+    method = {"name": default, **method} if isinstance(method, dict) else {"name": str(method)}
     try:
         method = get_method(str(method.get("name"))).config.model_validate(method)
     except LmtuneError as err:

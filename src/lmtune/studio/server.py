@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import traceback
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,21 +28,28 @@ class Studio:
     def __init__(self, runs_root: Path) -> None:
         self.runs, self.chat, self.estimator = Runs(runs_root), Chat(), forms.Estimator()
 
+    def warm(self) -> None:
+        try:
+            self.estimator(forms.build([f"data.train={json.dumps([forms.NO_DATA])}"]))
+        except Exception:  # noqa: BLE001  (a default model that cannot be estimated shows up on the page instead)
+            pass
+
     def get_schema(self, q: dict) -> dict:
         return forms.schema()
 
     def post_validate(self, body: dict) -> dict:
-        cfg = forms.build(body["overrides"])
-        return {"yaml": forms.to_yaml(cfg)}
+        return {"yaml": forms.to_yaml(_with_data(forms.build(body["overrides"])))}
 
     def post_estimate(self, body: dict) -> dict:
-        return self.estimator(forms.build(body["overrides"]))
+        # The estimate reads no data (as `lmtune estimate`): it needs no training file yet.
+        placeholder = f'data.train={json.dumps([forms.NO_DATA])}'
+        return self.estimator(forms.build([placeholder if o == "data.train=[]" else o for o in body["overrides"]]))
 
     def post_load_yaml(self, body: dict) -> dict:
         return {"values": forms.values(forms.from_yaml(body["text"]))}
 
     def post_launch(self, body: dict) -> dict:
-        cfg = forms.build(body["overrides"])
+        cfg = _with_data(forms.build(body["overrides"]))
         return self.runs.status(self.runs.launch(cfg, body["overrides"]))
 
     def post_stop(self, body: dict) -> dict:
@@ -59,6 +67,13 @@ class Studio:
 
     def post_chat(self, body: dict) -> dict:
         return self.chat.reply(Path(body["dir"]), body["history"], int(body.get("max_new_tokens", 64)))
+
+
+def _with_data(cfg):
+    """A run needs training data; an empty list is valid YAML but would fail only once the run has started."""
+    if not cfg.data.train:
+        raise forms.FieldErrors([("data.train", "name a training data file (one per line)")])
+    return cfg
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -128,6 +143,8 @@ def serve(host: str, port: int, runs_root: Path) -> None:
         server = make_server(host, port, runs_root)
     except OSError as err:
         raise LmtuneError(f"cannot listen on {host}:{port} ({err.strerror}); choose another --port") from None
+    # The first estimate imports and traces the model: do it now for the default form, not on the first click.
+    threading.Thread(target=server.RequestHandlerClass.studio.warm, daemon=True).start()
     shown = "localhost" if host in ("127.0.0.1", "::1") else host
     print(f"lmtune studio: http://{shown}:{server.server_address[1]}/  (runs under {runs_root}; Ctrl-C quits)",
           flush=True)

@@ -141,14 +141,13 @@ function formChanged() { clearTimeout(formTimer); formTimer = setTimeout(checkFo
 
 async function checkForm() {
   const seq = ++state.estimateSeq, body = {overrides: overrides()};
-  try {
-    const {yaml} = await api("validate", body);
-    if (seq !== state.estimateSeq) return;
-    showErrors([]);
-    $("#yaml-preview").textContent = yaml;
-  } catch (err) {
-    if (seq !== state.estimateSeq) return;
-    showErrors(err.errors);
+  let errors = [];
+  try { $("#yaml-preview").textContent = (await api("validate", body)).yaml; }
+  catch (err) { errors = err.errors; $("#yaml-preview").textContent = ""; }
+  if (seq !== state.estimateSeq) return;
+  showErrors(errors);
+  // The estimate reads no data: only the other fields must be right.
+  if (errors.some(e => e.field !== "data" && !e.field.startsWith("data.train"))) {
     $("#estimate").innerHTML = '<p class="help">fix the marked fields to see the estimate</p>';
     return;
   }
@@ -158,7 +157,7 @@ async function checkForm() {
     if (seq === state.estimateSeq) showEstimate(est);
   } catch (err) {
     if (seq !== state.estimateSeq) return;
-    showErrors(err.errors);
+    showErrors([...errors, ...err.errors]);
     $("#estimate").innerHTML = `<p class="error">${esc(err.message)}</p>`;
   }
 }
