@@ -174,6 +174,9 @@ def test_configure_launch_watch_stop_chat_compare(page, studio, model_dir):
     row = next(r for r in (t.split("\t") for t in page.locator("#compare-rows tr").all_inner_texts()) if r[0] == "tiny")
     assert row[:2] == ["tiny", "lora"] and row[3].startswith(f"{summary['trainable_params']:,} (")
     assert float(row[6]) == pytest.approx(summary["loss"], rel=1e-3)
+    long_row = next(r for r in (t.split("\t") for t in page.locator("#compare-rows tr").all_inner_texts())
+                    if r[0] == "long")  # stopped: counts from its log, its last logged step and loss
+    assert long_row[3] == row[3] and long_row[4] == str(logged[-1])
     assert page.locator("#compare-chart polyline.series").count() >= 2
     shot(page, "compare")
 

@@ -149,8 +149,9 @@ class Runs:
 
     def compare_row(self, out: Path) -> dict[str, Any]:
         """What the compare table shows of one run, from the files `lmtune train` writes."""
-        summary = _json(out / "summary.json")
-        config = _config(out)
+        summary, config, rows = _json(out / "summary.json"), _config(out), _rows(out / "metrics.jsonl")
+        if not summary:  # a run that has not finished: what its log and metrics say so far
+            summary = _unfinished(out, rows)
         method = config.get("method")
         steps, seconds = summary.get("steps"), summary.get("train_seconds")
         return {"name": self.name(out), "dir": str(out.resolve()), "status": self.status(out)["status"],
@@ -158,8 +159,17 @@ class Runs:
                 "model": (config.get("model") or {}).get("name") or "(default)",
                 "trainable_params": summary.get("trainable_params"), "total_params": summary.get("total_params"),
                 "steps": steps, "s_per_step": seconds / steps if steps and seconds else None,
-                "loss": summary.get("loss"), "eval_loss": summary.get("eval_loss"),
-                "rows": _rows(out / "metrics.jsonl")}
+                "loss": summary.get("loss"), "eval_loss": summary.get("eval_loss"), "rows": rows}
+
+
+def _unfinished(out: Path, rows: list[dict]) -> dict:
+    """Parameter counts from the run's log (`TunedModel.describe_parameters`), the last logged losses."""
+    found = re.search(r"trainable params: ([\d,]+) \|\| all params: ([\d,]+)", _log_tail(out / LOG, 400))
+    counts = {"trainable_params": int(found.group(1).replace(",", "")),
+              "total_params": int(found.group(2).replace(",", ""))} if found else {}
+    train, evals = [r for r in rows if "loss" in r], [r for r in rows if "eval_loss" in r]
+    return {**counts, **({"steps": train[-1]["step"], "loss": train[-1]["loss"]} if train else {}),
+            **({"eval_loss": evals[-1]["eval_loss"]} if evals else {})}
 
 
 def _config(out: Path) -> dict:
