@@ -144,3 +144,22 @@ def test_estimate_needs_no_data_but_a_run_does(base_url, model_dir):
     for api in ("validate", "launch"):
         code, body = call(f"{base_url}/api/{api}", {"overrides": form})
         assert code == 422 and body["errors"][0]["field"] == "data.train"
+
+
+def test_a_launched_run_that_fails_shows_its_one_line_error(tmp_path, model_dir):
+    import time
+
+    from lmtune.studio.runs import Runs
+
+    runs = Runs(tmp_path)
+    form = [f"model.name={model_dir}", f"data.train={tmp_path / 'missing.jsonl'}", f"output_dir={tmp_path / 'bad'}",
+            "train.device=cpu"]
+    out = runs.launch(forms.build(form), form)
+    deadline = time.monotonic() + 120
+    while runs.status(out)["status"] == "running" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    status = runs.status(out)
+    assert status["status"] == "failed" and status["returncode"] == 2
+    assert status["message"].startswith("lmtune: error: ") and "missing.jsonl" in status["message"]
+    assert "Traceback" not in status["log"]
+    assert [r["name"] for r in runs.listing()] == ["bad"]
