@@ -107,7 +107,10 @@ def values(cfg: RunConfig) -> dict[str, Any]:
 def to_yaml(cfg: RunConfig) -> str:
     """The config as a YAML file holding only what differs from the defaults (as the example YAMLs do)."""
     data = cfg.model_dump(mode="json", exclude_defaults=True)
-    data["data"]["train"] = [s.path if s.weight == 1.0 else s.model_dump() for s in cfg.data.train]
+    for section in ("train", "eval"):  # a plain path when its weight is the default, as one would write it
+        sources = getattr(cfg.data, section)
+        if sources is not None:
+            data["data"][section] = [s.path if s.weight == 1.0 else s.model_dump() for s in sources]
     method = cfg.method.model_dump(mode="json", exclude_defaults=True)
     data["method"] = {"name": cfg.method.name, **method} if method else cfg.method.name
     return yaml.safe_dump(data, sort_keys=False)
