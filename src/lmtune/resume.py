@@ -232,10 +232,10 @@ def save_checkpoint(out: Path, step: int, cfg: RunConfig, model: torch.nn.Module
 
 
 def save_if_due(out: Path, step: int, steps: int, cfg: RunConfig, accelerator: Any, model: torch.nn.Module,
-                optimizer: torch.optim.Optimizer, scheduler: Any, summary: dict) -> None:
-    """Checkpoint every `train.save_every` steps and after the last one (from the main process only)."""
+                optimizer: torch.optim.Optimizer, scheduler: Any, summary: dict, force: bool = False) -> None:
+    """Checkpoint every `train.save_every` steps, after the last one and when `force`d (main process only)."""
     every = cfg.train.save_every
-    if accelerator.is_main_process and (step == steps or (every and step % every == 0)):
+    if accelerator.is_main_process and (force or step == steps or (every and step % every == 0)):
         save_checkpoint(out, step, cfg, accelerator.unwrap_model(model), optimizer, scheduler,
                         {k: v for k, v in summary.items() if k != "steps"}, cfg.train.keep_checkpoints)
 

@@ -33,6 +33,7 @@ from lmtune.plots import plot_loss
 from lmtune.quantize import check_method
 from lmtune.resume import Start, check_finite, check_lengths, prepare, restore, resume_point, save_if_due
 from lmtune.runlock import RunLock, run_lock
+from lmtune.stop import StopFlag, Stopped, stop_on_signal
 from lmtune.tuned import TunedModel, apply, enable_gradient_checkpointing
 
 log = logging.getLogger("lmtune")
@@ -236,7 +237,8 @@ def _run(cfg: RunConfig, lock: RunLock) -> dict:
     start = restore(source, tuned, optimizer, scheduler)
     # The eval loader stays unsharded: every process scores the whole set, so the figure is exact.
     tuned, optimizer, loader = accelerator.prepare(tuned, optimizer, loader)
-    summary = _loop(cfg, tuned, optimizer, scheduler, loader, eval_loader, steps, accelerator, out, start)
+    with stop_on_signal() as stop:  # Ctrl-C / SIGTERM: finish the step, save a checkpoint, leave
+        summary = _loop(cfg, tuned, optimizer, scheduler, loader, eval_loader, steps, accelerator, out, start, stop)
     summary["data"] = asdict(stats)
     summary["effective_batch"] = t.batch_size * t.grad_accum * world
     unwrapped: TunedModel = accelerator.unwrap_model(tuned)
@@ -250,7 +252,7 @@ def _run(cfg: RunConfig, lock: RunLock) -> dict:
 
 
 def _loop(cfg, model, optimizer, scheduler, loader, eval_loader, steps, accelerator, out: Path,
-          start: Start) -> dict:
+          start: Start, stop: StopFlag | None = None) -> dict:
     """The loop: forward, objective, backward over `grad_accum` micro-batches, clip, step, log, eval, checkpoint."""
     t, objective = cfg.train, _objective(cfg)
     metrics = (out / "metrics.jsonl").open("a") if accelerator.is_main_process else None
@@ -299,11 +301,22 @@ def _loop(cfg, model, optimizer, scheduler, loader, eval_loader, steps, accelera
             record({"step": step, **evaluated})
             bar.write(f"step {step}: " + ", ".join(f"{k.removeprefix('eval_')} {v:.4g}" for k, v in evaluated.items()))
         summary["loss"] = step_loss
-        save_if_due(out, step, steps, cfg, accelerator, model, optimizer, scheduler, summary)
+        _save_or_stop(out, step, steps, cfg, accelerator, model, optimizer, scheduler, summary, stop)
     summary["train_seconds"] = time.perf_counter() - model_start
     if metrics:
         metrics.close()
     return summary
+
+
+def _save_or_stop(out: Path, step: int, steps: int, cfg, accelerator, model, optimizer, scheduler, summary: dict,
+                  stop: StopFlag | None) -> None:
+    """Checkpoint when due; on a stop request, checkpoint this step and leave (raises `Stopped`)."""
+    # Every process stops after the same step (a signal may reach only some of them).
+    stopping = stop is not None and _global_sum(accelerator, float(stop.requested)) > 0
+    save_if_due(out, step, steps, cfg, accelerator, model, optimizer, scheduler, summary, force=stopping)
+    if stopping:
+        raise Stopped(f"stopped after step {step} of {steps}; its checkpoint is in {out / 'checkpoints'}; "
+                      "run the same config again to resume")
 
 
 def _accumulate(model, micro: list[dict], objective, accelerator: Accelerator) -> tuple[float, float, dict]:

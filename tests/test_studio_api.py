@@ -1,0 +1,165 @@
+"""The studio's server side without a browser: the form's overrides validate exactly as `lmtune train` does (the
+CLI's config loader is the oracle), every field error comes back tied to its key, YAML goes in and out
+losslessly, and the HTTP API answers mistakes and bugs with one line, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from lmtune.config import dump_config, load_config
+from lmtune.studio import forms
+from lmtune.studio.server import make_server
+
+EXAMPLES = sorted(Path(__file__).parent.parent.glob("examples/*.yaml"))
+FORM = ['data.train=["a.jsonl", {"path": "b.jsonl", "weight": 2}]', "method.name=\"ia3\"", "task=\"sft\"",
+        "model.name=", "train.lr=1e-3", "train.steps=", "train.gradient_checkpointing=true",
+        'method.target_modules=["q_proj", "v_proj"]', 'output_dir="runs/123"']
+
+
+@pytest.mark.parametrize("form", [FORM, ["data.train=x.jsonl", "method.r=16"], ["data.train=x.jsonl", "method=ia3"]])
+def test_form_overrides_make_the_config_the_cli_makes(form):
+    assert dump_config(forms.build(form)) == dump_config(load_config(None, form))
+
+
+def test_every_field_error_is_reported_with_its_key():
+    with pytest.raises(forms.FieldErrors) as err:
+        forms.build(["data.train=[]", "train.batch_size=0", "train.lr=fast", "method.name=lora", "method.r=x",
+                     "task=\"teach\"", "train.bogus=1"])
+    keys = [k for k, _ in err.value.errors]
+    assert sorted(keys) == ["method.r", "task", "train.batch_size", "train.bogus", "train.lr"]
+    assert dict(err.value.errors)["train.batch_size"] == "must be >= 1"
+    with pytest.raises(forms.FieldErrors) as err:
+        forms.build(["method.name=nope"])
+    assert err.value.errors[0][0] == "method.name" and "choose one of" in err.value.errors[0][1]
+    with pytest.raises(forms.FieldErrors) as err:
+        forms.build([])
+    assert err.value.errors == [("data", "Field required")]
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_yaml_loads_into_the_form_and_saves_back_unchanged(path, tmp_path):
+    expected = dump_config(load_config(path))
+    loaded = forms.from_yaml(path.read_text())
+    assert dump_config(loaded) == expected
+    # What the page shows, sent back as the form's overrides, is the same config again.
+    overrides = [f"{k}={json.dumps(v) if v is not None else ''}" for k, v in forms.values(loaded).items()]
+    assert dump_config(forms.build(overrides)) == expected
+    saved = tmp_path / "saved.yaml"
+    saved.write_text(forms.to_yaml(loaded))
+    assert dump_config(load_config(saved)) == expected
+
+
+def test_bad_yaml_is_one_message():
+    with pytest.raises(forms.FieldErrors) as err:
+        forms.from_yaml("train: [unclosed")
+    assert "not valid YAML" in err.value.errors[0][1]
+
+
+@pytest.fixture(scope="module")
+def base_url(tmp_path_factory):
+    import threading
+
+    server = make_server("127.0.0.1", 0, tmp_path_factory.mktemp("runs"))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def call(url: str, body: dict | None = None) -> tuple[int, dict | bytes]:
+    data = None if body is None else json.dumps(body).encode()
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=60) as res:
+            raw, code = res.read(), res.status
+    except urllib.error.HTTPError as err:
+        raw, code = err.read(), err.code
+    try:
+        return code, json.loads(raw)
+    except json.JSONDecodeError:
+        return code, raw
+
+
+def test_api_answers_mistakes_and_bugs_in_one_line(base_url):
+    code, body = call(base_url + "/api/validate", {"overrides": ["data.train=x.jsonl", "train.lr=-1"]})
+    assert code == 422 and body == {"errors": [{"field": "train.lr", "message": "must be > 0 and finite"}]}
+    code, body = call(base_url + "/api/chat", {"dir": "/nonexistent", "history": {}})
+    assert code == 400 and "no finished run" in body["errors"][0]["message"]
+    assert call(base_url + "/api/nothing", {})[0] == 404
+    code, body = call(base_url + "/api/validate", {"no overrides": 1})  # a bug's request: one line too
+    assert code == 500 and body["errors"][0]["message"] == "KeyError: 'overrides'"
+    code, body = call(base_url + "/api/stop", {"dir": "/nonexistent"})
+    assert code == 400 and body["errors"][0]["message"] == "/nonexistent is not running"
+
+
+def test_static_files_and_nothing_else(base_url):
+    code, page = call(base_url + "/")
+    assert code == 200 and b"lmtune studio" in page
+    assert call(base_url + "/app.js")[0] == 200
+    assert call(base_url + "/../server.py")[0] == 404
+    assert call(base_url + "/%2e%2e/server.py")[0] == 404
+
+
+def test_schema_holds_every_config_key_and_method():
+    from lmtune.config import describe_keys
+    from lmtune.methods import method_names
+
+    schema = forms.schema()
+    assert sorted(schema["methods"]) == method_names()
+    defs = schema["config"]["$defs"]
+    keys = {f"{section}.{k}" for section, ref in (("model", "ModelConfig"), ("data", "DataConfig"),
+            ("train", "TrainConfig"), ("preference", "PreferenceConfig")) for k in defs[ref]["properties"]}
+    keys |= {k for k in schema["config"]["properties"] if k not in ("model", "data", "train", "preference")}
+    documented = {line.split()[0] for line in describe_keys().splitlines()
+                  if line.startswith("  ") and not line.startswith(("  method", "  (none)"))}
+    assert documented <= keys | {"method"}
+
+
+def test_studio_on_a_busy_port_is_one_line(capfd):
+    import socket
+
+    from lmtune.cli import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        assert main(["studio", "--port", str(busy.getsockname()[1])]) == 2
+    err = capfd.readouterr().err
+    assert err.startswith("lmtune: error: cannot listen on 127.0.0.1:") and err.count("\n") == 1
+
+
+def test_estimate_needs_no_data_but_a_run_does(base_url, model_dir):
+    from lmtune.memory import estimate
+    from lmtune.memory.report import plan_from_config
+
+    form = [f"model.name={model_dir}", "data.train=[]", "train.batch_size=3", "data.max_length=16", "method.r=2"]
+    code, body = call(base_url + "/api/estimate", {"overrides": form})
+    expected = estimate(plan_from_config(load_config(None, [*form, "data.train=x.jsonl"])))
+    assert code == 200, body
+    assert body["per_device"] == expected.per_device and body["plan"]["batch_size"] == 3
+    for api in ("validate", "launch"):
+        code, body = call(f"{base_url}/api/{api}", {"overrides": form})
+        assert code == 422 and body["errors"][0]["field"] == "data.train"
+
+
+def test_a_launched_run_that_fails_shows_its_one_line_error(tmp_path, model_dir):
+    import time
+
+    from lmtune.studio.runs import Runs
+
+    runs = Runs(tmp_path)
+    form = [f"model.name={model_dir}", f"data.train={tmp_path / 'missing.jsonl'}", f"output_dir={tmp_path / 'bad'}",
+            "train.device=cpu"]
+    out = runs.launch(forms.build(form), form)
+    deadline = time.monotonic() + 120
+    while runs.status(out)["status"] == "running" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    status = runs.status(out)
+    assert status["status"] == "failed" and status["returncode"] == 2
+    assert status["message"].startswith("lmtune: error: ") and "missing.jsonl" in status["message"]
+    assert "Traceback" not in status["log"]
+    assert [r["name"] for r in runs.listing()] == ["bad"]
