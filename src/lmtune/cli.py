@@ -51,11 +51,31 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
     pv.add_argument("config", nargs="?", help="YAML run config")
     pv.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. data.train=x.jsonl")
     pv.add_argument("-n", "--examples", type=int, default=3, help="examples shown per training source (default 3)")
+    _eval_parser(sub)
     m = sub.add_parser("merge", help="fold LoRA / IA3 into the base weights", description="Merge a run into its base "
                        "weights and save a plain transformers model directory.")
     m.add_argument("run_dir")
     m.add_argument("--out", required=True, help="output directory for the merged model")
     return p
+
+
+def _eval_parser(sub) -> None:
+    v = sub.add_parser("eval", help="score a run or a base model on a data file",
+                       description="Score a trained run (or, with no RUN_DIR, a base model) on a data file. Metrics "
+                       "follow from the records: text -> loss, perplexity; prompt + answer (prompt/completion, "
+                       "instruction/output, text/label) -> also exact_match and accuracy (the answer comes first) of "
+                       "the greedy answer; prompt/chosen/rejected -> preference_accuracy (chosen log-prob > "
+                       "rejected). Prints JSON and writes it to --out (default RUN_DIR/eval.json).")
+    v.add_argument("run_dir", nargs="?", help="a run / adapter directory from lmtune train or PEFT")
+    v.add_argument("--model", help="base model when no RUN_DIR is given (default: SmolLM2-135M-Instruct)")
+    v.add_argument("--data", required=True, help="data file (.jsonl, .json, .csv, .parquet, .txt)")
+    v.add_argument("--metrics", help="comma-separated subset of loss, perplexity, accuracy, exact_match, "
+                   "preference_accuracy (default: all the data gives)")
+    v.add_argument("--normalize", help="applied to answers before comparing: comma-separated case, punctuation, "
+                   "whitespace, articles, or none (default case,punctuation,whitespace)")
+    v.add_argument("--max-new-tokens", type=int, help="tokens generated per answer (default: the reference "
+                   "answer's length + 8)")
+    v.add_argument("--out", help="JSON file to write (default RUN_DIR/eval.json; none for a base model)")
 
 
 def _estimate_parser(sub) -> None:
@@ -127,6 +147,29 @@ def _data(args: argparse.Namespace) -> None:
     print(preview(cfg, load_tokenizer(cfg.model.name, cfg.model.trust_remote_code), args.examples))
 
 
+def _eval(args: argparse.Namespace) -> None:
+    import json
+
+    from lmtune.evaluation import data_settings, evaluate_file, parse_normalize
+
+    steps = parse_normalize(args.normalize)  # argument mistakes before the model loads
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+    tuned, tokenizer = _load_target(args)
+    import torch
+
+    if torch.cuda.is_available():
+        tuned.to("cuda")
+    result = {"run": args.run_dir, "model": tuned.base_name if args.run_dir else (args.model or "default"),
+              **evaluate_file(tuned, tokenizer, args.data, metrics, data_settings(args.run_dir), steps,
+                              args.max_new_tokens)}
+    text = json.dumps(result, indent=2)
+    out = args.out or (os.path.join(args.run_dir, "eval.json") if args.run_dir else None)
+    if out:
+        with open(out, "w") as f:
+            f.write(text + "\n")
+    print(text)
+
+
 def _merge(args: argparse.Namespace) -> None:
     from lmtune.checkpoint import merge_to
 
@@ -135,7 +178,7 @@ def _merge(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"train": _train, "estimate": _estimate, "generate": _generate, "chat": _chat, "merge": _merge,
-            "data": _data}
+            "data": _data, "eval": _eval}
 
 
 def _quiet_libraries() -> None:
