@@ -8,15 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 from conftest import build_model, build_tokenizer
+from test_bad_inputs import in_process, library_settings_restored, one_line_error  # noqa: F401
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmtune.config import load_config
 from lmtune.evaluation import normalize, parse_normalize, starts_with_answer
 from lmtune.train import run
-
-from test_bad_inputs import in_process, library_settings_restored, one_line_error  # noqa: F401
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -52,6 +52,7 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
     pv.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. data.train=x.jsonl")
     pv.add_argument("-n", "--examples", type=int, default=3, help="examples shown per training source (default 3)")
     _eval_parser(sub)
+    _compare_parser(sub)
     m = sub.add_parser("merge", help="fold LoRA / IA3 into the base weights", description="Merge a run into its base "
                        "weights and save a plain transformers model directory.")
     m.add_argument("run_dir")
@@ -76,6 +77,25 @@ def _eval_parser(sub) -> None:
     v.add_argument("--max-new-tokens", type=int, help="tokens generated per answer (default: the reference "
                    "answer's length + 8)")
     v.add_argument("--out", help="JSON file to write (default RUN_DIR/eval.json; none for a base model)")
+
+
+def _compare_parser(sub) -> None:
+    c = sub.add_parser("compare", help="train several methods on the same data and compare them",
+                       description="Train each method on the config's data with the same step budget (one lmtune "
+                       "train run each, under --out), score each and the untuned model on the first data.eval file, "
+                       "and write report.md, report.json, eval_loss.png and methods.png. Learning rates start from a "
+                       "per-method table; change any key for one method with methods.NAME.KEY=value (e.g. "
+                       "methods.lora.train.lr=5e-4) or a `methods:` section in the YAML.")
+    c.add_argument("config", nargs="?", help="YAML run config (data, model, train settings)")
+    c.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides for every method, or "
+                   "methods.NAME.KEY=value for one")
+    c.add_argument("--methods", help="comma-separated methods (default: every registered method)")
+    c.add_argument("--steps", type=int, help="optimizer steps per method (default: train.steps)")
+    c.add_argument("--out", default="runs/compare", help="directory for the runs and the report "
+                   "(default runs/compare)")
+    c.add_argument("--max-new-tokens", type=int, help="tokens generated per answer when scoring (default: the "
+                   "reference answer's length + 8)")
+    c.add_argument("--normalize", help="answer normalisation for scoring, as in lmtune eval")
 
 
 def _estimate_parser(sub) -> None:
@@ -170,6 +190,18 @@ def _eval(args: argparse.Namespace) -> None:
     print(text)
 
 
+def _compare(args: argparse.Namespace) -> None:
+    from lmtune.compare import compare
+    from lmtune.evaluation import parse_normalize
+
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not os.path.exists(config):
+        config, overrides = None, [config, *overrides]  # overrides only, no YAML
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    compare(config, overrides, methods, args.steps, args.out, args.max_new_tokens, parse_normalize(args.normalize))
+    print(f"report written to {os.path.join(args.out, 'report.md')}")
+
+
 def _merge(args: argparse.Namespace) -> None:
     from lmtune.checkpoint import merge_to
 
@@ -178,7 +210,7 @@ def _merge(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"train": _train, "estimate": _estimate, "generate": _generate, "chat": _chat, "merge": _merge,
-            "data": _data, "eval": _eval}
+            "data": _data, "eval": _eval, "compare": _compare}
 
 
 def _quiet_libraries() -> None:
@@ -193,7 +225,12 @@ def _quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = _parser(argv).parse_args(argv)
+    parser = _parser(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not (isinstance(getattr(args, "overrides", None), list) and all("=" in e for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:  # key=value overrides written after an option (`compare x.yaml --steps 4 train.lr=1e-3`)
+        args.overrides += extra
     try:
         _quiet_libraries()
         COMMANDS[args.command](args)
