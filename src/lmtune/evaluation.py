@@ -109,7 +109,8 @@ def data_settings(run_dir: str | Path | None) -> DataConfig:
     """The run's data settings (format, template, max length) from its config.yaml; defaults otherwise."""
     saved = Path(run_dir) / "config.yaml" if run_dir is not None else None
     if saved is not None and saved.is_file():
-        return load_config(saved).data
+        # The run saved its tokenizer with data.chat_template already in it.
+        return load_config(saved).data.model_copy(update={"chat_template": None})
     return DataConfig(train=[])
 
 
