@@ -125,13 +125,17 @@ def _load_target(args: argparse.Namespace):
     return apply(model, "full", base_name=args.model), tokenizer
 
 
-def _config(args: argparse.Namespace):
-    from lmtune.config import load_config
-
+def _config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config and not os.path.exists(config):
         config, overrides = None, [config, *overrides]  # overrides only, no YAML
-    return load_config(config, overrides)
+    return config, overrides
+
+
+def _config(args: argparse.Namespace):
+    from lmtune.config import load_config
+
+    return load_config(*_config_and_overrides(args))
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -170,15 +174,12 @@ def _data(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     import json
 
-    from lmtune.evaluation import data_settings, evaluate_file, parse_normalize
+    from lmtune.evaluation import data_settings, evaluate_file, on_device, parse_normalize
 
     steps = parse_normalize(args.normalize)  # argument mistakes before the model loads
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
     tuned, tokenizer = _load_target(args)
-    import torch
-
-    if torch.cuda.is_available():
-        tuned.to("cuda")
+    tuned = on_device(tuned)
     result = {"run": args.run_dir, "model": tuned.base_name if args.run_dir else (args.model or "default"),
               **evaluate_file(tuned, tokenizer, args.data, metrics, data_settings(args.run_dir), steps,
                               args.max_new_tokens)}
@@ -194,9 +195,7 @@ def _compare(args: argparse.Namespace) -> None:
     from lmtune.compare import compare
     from lmtune.evaluation import parse_normalize
 
-    config, overrides = args.config, list(args.overrides)
-    if config is not None and "=" in config and not os.path.exists(config):
-        config, overrides = None, [config, *overrides]  # overrides only, no YAML
+    config, overrides = _config_and_overrides(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     compare(config, overrides, methods, args.steps, args.out, args.max_new_tokens, parse_normalize(args.normalize))
     print(f"report written to {os.path.join(args.out, 'report.md')}")

@@ -21,9 +21,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lmtune.checkpoint import load
 from lmtune.config import RunConfig, apply_override, dump_config, load_raw, validate
+from lmtune.data.read import read_records
 from lmtune.errors import LmtuneError
+from lmtune.evaluation import DEFAULT_NORMALIZE, data_kind, evaluate_file, on_device
 from lmtune.methods import method_names
+from lmtune.models import load_model
+from lmtune.plots import plot_bars, plot_curves
+from lmtune.train import run
+from lmtune.tuned import apply
 
 log = logging.getLogger("lmtune")
 
@@ -49,10 +56,10 @@ def default_methods() -> list[str]:
     return [m for m in TAXONOMY if m in known] + [m for m in known if m not in TAXONOMY]
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def _deep_update(base: dict, extra: dict) -> dict:
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
+            _deep_update(base[key], value)
         else:
             base[key] = copy.deepcopy(value)
     return base
@@ -87,7 +94,7 @@ def _method_config(raw: dict, name: str, extra: Any, steps: int | None, out: Pat
         apply_override(run, f"train.steps={steps}")
     if not isinstance(extra, dict):
         raise LmtuneError(f"config: 'methods.{name}' must be a mapping of config keys")
-    _merge(run, extra)
+    _deep_update(run, extra)
     run.update(output_dir=str(out / name), overwrite=True, resume="never")
     try:
         cfg = validate(run)
@@ -104,8 +111,6 @@ def _method_config(raw: dict, name: str, extra: Any, steps: int | None, out: Pat
 
 
 def _train_in_process(cfg: RunConfig) -> str | None:
-    from lmtune.train import run
-
     try:
         run(cfg)
     except LmtuneError as err:
@@ -142,9 +147,6 @@ def train_each(configs: dict[str, RunConfig], out: Path, separate: bool = True) 
 def _task_scores(tuned, tokenizer, cfg: RunConfig, max_new_tokens: int | None,
                  normalize: tuple[str, ...]) -> dict[str, Any]:
     """Accuracy of the model on the first data.eval file (none when eval data is a split of the training data)."""
-    from lmtune.data.read import read_records
-    from lmtune.evaluation import data_kind, evaluate_file
-
     if not cfg.data.eval:
         return {}
     path = cfg.data.eval[0].path
@@ -156,20 +158,10 @@ def _task_scores(tuned, tokenizer, cfg: RunConfig, max_new_tokens: int | None,
     return {"task_metric": metric, "task_score": result["metrics"][metric], "task_data": path}
 
 
-def _device_model(tuned):
-    import torch
-
-    return tuned.to("cuda") if torch.cuda.is_available() else tuned
-
-
 def score_untuned(cfg: RunConfig, max_new_tokens: int | None, normalize: tuple[str, ...]) -> dict[str, Any]:
     """The base model as it is: eval loss on the eval data and task accuracy, for the first row."""
-    from lmtune.evaluation import evaluate_file
-    from lmtune.models import load_model
-    from lmtune.tuned import apply
-
     model, tokenizer = load_model(cfg.model.name, cfg.model.dtype, cfg.model.trust_remote_code)
-    tuned = _device_model(apply(model, "full", base_name=cfg.model.name))
+    tuned = on_device(apply(model, "full", base_name=cfg.model.name))
     row: dict[str, Any] = {"method": "untuned", "trainable": 0, "total": sum(p.numel() for p in model.parameters())}
     if cfg.data.eval:
         loss = evaluate_file(tuned, tokenizer, cfg.data.eval[0].path, ["loss"], cfg.data)["metrics"]["loss"]
@@ -180,8 +172,6 @@ def score_untuned(cfg: RunConfig, max_new_tokens: int | None, normalize: tuple[s
 def score_run(name: str, cfg: RunConfig, max_new_tokens: int | None, normalize: tuple[str, ...],
               separate: bool = True) -> dict[str, Any]:
     """A finished run's row: parameters, memory, speed, eval-loss curve (from its own files) and task accuracy."""
-    from lmtune.checkpoint import load
-
     out = Path(cfg.output_dir)
     summary = json.loads((out / "summary.json").read_text())
     if not separate and summary.get("peak_memory_of") == "process RSS":  # shared by every run in the process
@@ -196,7 +186,7 @@ def score_run(name: str, cfg: RunConfig, max_new_tokens: int | None, normalize: 
            "s_per_step": statistics.median(step_seconds) if step_seconds else None,
            "train_loss_end": summary.get("loss"), "eval_curve": curve,
            "eval_loss_start": curve[0][1] if curve else None, "eval_loss_end": curve[-1][1] if curve else None}
-    return {**row, **_task_scores(_device_model(tuned), tokenizer, cfg, max_new_tokens, normalize)}
+    return {**row, **_task_scores(on_device(tuned), tokenizer, cfg, max_new_tokens, normalize)}
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -238,8 +228,6 @@ def report_markdown(rows: list[dict], cfg: RunConfig, steps: int, failures: dict
 
 
 def write_report(rows: list[dict], cfg: RunConfig, steps: int, failures: dict[str, str | None], out: Path) -> None:
-    from lmtune.plots import plot_bars, plot_curves
-
     (out / "report.json").write_text(json.dumps({"rows": rows, "failed": failures}, indent=2))
     trained = [r for r in rows if r["method"] != "untuned"]
     plot_curves({r["method"]: r["eval_curve"] for r in trained}, out / "eval_loss.png", log=True)
@@ -259,8 +247,6 @@ def compare(config: str | Path | None, overrides: list[str], methods: list[str] 
 
     `separate`: each run in its own process (its peak memory is its own); else all in this one (faster to
     start; on the CPU, peak memory is then not reported, as the process's peak belongs to no single run)."""
-    from lmtune.evaluation import DEFAULT_NORMALIZE
-
     normalize = DEFAULT_NORMALIZE if normalize is None else normalize
     out = Path(out)
     configs = method_configs(config, overrides, methods or default_methods(), steps, out)

@@ -114,6 +114,11 @@ def data_settings(run_dir: str | Path | None) -> DataConfig:
     return DataConfig(train=[])
 
 
+def on_device(tuned: TunedModel) -> TunedModel:
+    """Scoring runs on the GPU when there is one."""
+    return tuned.to("cuda") if torch.cuda.is_available() else tuned
+
+
 @torch.no_grad()
 def mean_loss(tuned: TunedModel, examples: list, pad_id: int, batch_size: int, device: str) -> float:
     """Mean NLL per learned token over every example."""
