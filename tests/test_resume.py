@@ -64,9 +64,9 @@ def config(tmp_path: Path, model_dir: str, name: str, *overrides: str):
 
 
 def curve(run_dir: Path) -> list[dict]:
-    """metrics.jsonl without the wall-clock throughput, which no two runs share."""
+    """metrics.jsonl without the wall-clock throughput and step time, which no two runs share."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in row.items() if k != "tokens_per_s"} for row in rows]
+    return [{k: v for k, v in row.items() if k not in ("tokens_per_s", "step_seconds")} for row in rows]
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:

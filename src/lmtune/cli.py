@@ -51,6 +51,8 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
     pv.add_argument("config", nargs="?", help="YAML run config")
     pv.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. data.train=x.jsonl")
     pv.add_argument("-n", "--examples", type=int, default=3, help="examples shown per training source (default 3)")
+    _eval_parser(sub)
+    _compare_parser(sub)
     m = sub.add_parser("merge", help="fold LoRA / IA3 into the base weights", description="Merge a run into its base "
                        "weights and save a plain transformers model directory.")
     m.add_argument("run_dir")
@@ -62,6 +64,44 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--runs", default="runs", help="directory whose runs the page lists (default ./runs)")
     return p
+
+
+def _eval_parser(sub) -> None:
+    v = sub.add_parser("eval", help="score a run or a base model on a data file",
+                       description="Score a trained run (or, with no RUN_DIR, a base model) on a data file. Metrics "
+                       "follow from the records: text -> loss, perplexity; prompt + answer (prompt/completion, "
+                       "instruction/output, text/label) -> also exact_match and accuracy (the answer comes first) of "
+                       "the greedy answer; prompt/chosen/rejected -> preference_accuracy (chosen log-prob > "
+                       "rejected). Prints JSON and writes it to --out (default RUN_DIR/eval.json).")
+    v.add_argument("run_dir", nargs="?", help="a run / adapter directory from lmtune train or PEFT")
+    v.add_argument("--model", help="base model when no RUN_DIR is given (default: SmolLM2-135M-Instruct)")
+    v.add_argument("--data", required=True, help="data file (.jsonl, .json, .csv, .parquet, .txt)")
+    v.add_argument("--metrics", help="comma-separated subset of loss, perplexity, accuracy, exact_match, "
+                   "preference_accuracy (default: all the data gives)")
+    v.add_argument("--normalize", help="applied to answers before comparing: comma-separated case, punctuation, "
+                   "whitespace, articles, or none (default case,punctuation,whitespace)")
+    v.add_argument("--max-new-tokens", type=int, help="tokens generated per answer (default: the reference "
+                   "answer's length + 8)")
+    v.add_argument("--out", help="JSON file to write (default RUN_DIR/eval.json; none for a base model)")
+
+
+def _compare_parser(sub) -> None:
+    c = sub.add_parser("compare", help="train several methods on the same data and compare them",
+                       description="Train each method on the config's data with the same step budget (one lmtune "
+                       "train run each, under --out), score each and the untuned model on the first data.eval file, "
+                       "and write report.md, report.json, eval_loss.png and methods.png. Learning rates start from a "
+                       "per-method table; change any key for one method with methods.NAME.KEY=value (e.g. "
+                       "methods.lora.train.lr=5e-4) or a `methods:` section in the YAML.")
+    c.add_argument("config", nargs="?", help="YAML run config (data, model, train settings)")
+    c.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides for every method, or "
+                   "methods.NAME.KEY=value for one")
+    c.add_argument("--methods", help="comma-separated methods (default: every registered method)")
+    c.add_argument("--steps", type=int, help="optimizer steps per method (default: train.steps)")
+    c.add_argument("--out", default="runs/compare", help="directory for the runs and the report "
+                   "(default runs/compare)")
+    c.add_argument("--max-new-tokens", type=int, help="tokens generated per answer when scoring (default: the "
+                   "reference answer's length + 8)")
+    c.add_argument("--normalize", help="answer normalisation for scoring, as in lmtune eval")
 
 
 def _estimate_parser(sub) -> None:
@@ -91,13 +131,17 @@ def _load_target(args: argparse.Namespace):
     return apply(model, "full", base_name=args.model), tokenizer
 
 
-def _config(args: argparse.Namespace):
-    from lmtune.config import load_config
-
+def _config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config and not os.path.exists(config):
         config, overrides = None, [config, *overrides]  # overrides only, no YAML
-    return load_config(config, overrides)
+    return config, overrides
+
+
+def _config(args: argparse.Namespace):
+    from lmtune.config import load_config
+
+    return load_config(*_config_and_overrides(args))
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -133,6 +177,36 @@ def _data(args: argparse.Namespace) -> None:
     print(preview(cfg, load_tokenizer(cfg.model.name, cfg.model.trust_remote_code), args.examples))
 
 
+def _eval(args: argparse.Namespace) -> None:
+    import json
+
+    from lmtune.evaluation import data_settings, evaluate_file, on_device, parse_normalize
+
+    steps = parse_normalize(args.normalize)  # argument mistakes before the model loads
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+    tuned, tokenizer = _load_target(args)
+    tuned = on_device(tuned)
+    result = {"run": args.run_dir, "model": tuned.base_name if args.run_dir else (args.model or "default"),
+              **evaluate_file(tuned, tokenizer, args.data, metrics, data_settings(args.run_dir), steps,
+                              args.max_new_tokens)}
+    text = json.dumps(result, indent=2)
+    out = args.out or (os.path.join(args.run_dir, "eval.json") if args.run_dir else None)
+    if out:
+        with open(out, "w") as f:
+            f.write(text + "\n")
+    print(text)
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from lmtune.compare import compare
+    from lmtune.evaluation import parse_normalize
+
+    config, overrides = _config_and_overrides(args)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    compare(config, overrides, methods, args.steps, args.out, args.max_new_tokens, parse_normalize(args.normalize))
+    print(f"report written to {os.path.join(args.out, 'report.md')}")
+
+
 def _merge(args: argparse.Namespace) -> None:
     from lmtune.checkpoint import merge_to
 
@@ -149,7 +223,7 @@ def _studio(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"train": _train, "estimate": _estimate, "generate": _generate, "chat": _chat, "merge": _merge,
-            "data": _data, "studio": _studio}
+            "data": _data, "eval": _eval, "compare": _compare, "studio": _studio}
 
 
 def _quiet_libraries() -> None:
@@ -164,7 +238,12 @@ def _quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = _parser(argv).parse_args(argv)
+    parser = _parser(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not (isinstance(getattr(args, "overrides", None), list) and all("=" in e for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:  # key=value overrides written after an option (`compare x.yaml --steps 4 train.lr=1e-3`)
+        args.overrides += extra
     try:
         _quiet_libraries()
         COMMANDS[args.command](args)

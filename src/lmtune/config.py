@@ -143,6 +143,8 @@ class TrainConfig(Strict):
     empty: only at the end."""
     keep_checkpoints: int = 2
     """How many of the latest resumable checkpoints to keep in `output_dir/checkpoints`."""
+    tensorboard: bool = False
+    """Also log every metrics row to TensorBoard, in `output_dir/tensorboard` (needs `pip install tensorboard`)."""
 
     @field_validator("lr")
     @classmethod
@@ -276,6 +278,11 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML run config (or none) and apply overrides."""
+    return validate(load_raw(path, overrides))
+
+
+def load_raw(path: str | Path | None, overrides: list[str] = ()) -> dict[str, Any]:
+    """The YAML mapping (or an empty one) with the overrides applied, not yet validated."""
     raw: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -291,7 +298,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
             raise LmtuneError(f"{p}: the top level must be a mapping of keys (model, method, data, train, ...)")
     for assignment in overrides:
         apply_override(raw, assignment)
-    return validate(raw)
+    return raw
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -28,8 +28,15 @@ from lmtune.errors import LmtuneError
 from lmtune.memory.report import preflight
 from lmtune.methods import get_method
 from lmtune.models import load_model
+from lmtune.monitor import (
+    TensorBoard,
+    check_tensorboard,
+    peak_memory,
+    reset_peak_memory,
+    write_plots,
+    write_summary,
+)
 from lmtune.objectives import OBJECTIVES, dpo_loss, label_weight, real_tokens, sequence_logps, simpo_loss
-from lmtune.plots import plot_loss
 from lmtune.quantize import check_method
 from lmtune.resume import Start, check_finite, check_lengths, prepare, restore, resume_point, save_if_due
 from lmtune.runlock import RunLock, run_lock
@@ -191,10 +198,12 @@ def run(cfg: RunConfig) -> dict:
 def _run(cfg: RunConfig, lock: RunLock) -> dict:
     out = _check_output(cfg)
     memory_report = preflight(cfg)  # before any weight is loaded: a run that cannot fit is refused in seconds
+    check_tensorboard(cfg)
     source = resume_point(cfg, out)
     m, t = cfg.model, cfg.train
     check_method(cfg.method.name, get_method(cfg.method.name).saves_whole_model, m.quantization)
     accelerator = _accelerator(t)
+    reset_peak_memory(accelerator.device)
     if not accelerator.is_main_process:
         log.setLevel(logging.WARNING)  # one copy of the progress log, from rank 0
     model, tokenizer = load_model(m.name, _weights_dtype(cfg), m.trust_remote_code, quantization=m.quantization,
@@ -241,12 +250,15 @@ def _run(cfg: RunConfig, lock: RunLock) -> dict:
         summary = _loop(cfg, tuned, optimizer, scheduler, loader, eval_loader, steps, accelerator, out, start, stop)
     summary["data"] = asdict(stats)
     summary["effective_batch"] = t.batch_size * t.grad_accum * world
+    summary["eval_examples"] = len(eval_set)
+    summary.update(peak_memory(accelerator.device))
     unwrapped: TunedModel = accelerator.unwrap_model(tuned)
     summary["trainable_params"], summary["total_params"] = unwrapped.trainable_parameters()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        plot_loss(out / "metrics.jsonl", out / "loss.png")
+        plots = write_plots(out)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_summary(out, cfg, summary, plots)
         save(unwrapped, out, tokenizer)
     return summary
 
@@ -256,6 +268,7 @@ def _loop(cfg, model, optimizer, scheduler, loader, eval_loader, steps, accelera
     """The loop: forward, objective, backward over `grad_accum` micro-batches, clip, step, log, eval, checkpoint."""
     t, objective = cfg.train, _objective(cfg)
     metrics = (out / "metrics.jsonl").open("a") if accelerator.is_main_process else None
+    board = TensorBoard(out, t.tensorboard and accelerator.is_main_process)
     summary: dict = {**start.summary, "steps": steps}
     unwrapped = accelerator.unwrap_model(model)
 
@@ -267,6 +280,7 @@ def _loop(cfg, model, optimizer, scheduler, loader, eval_loader, steps, accelera
         if metrics:
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
+        board.log(row)
 
     if eval_loader is not None and start.step == 0:
         first = evaluate()
@@ -287,8 +301,8 @@ def _loop(cfg, model, optimizer, scheduler, loader, eval_loader, steps, accelera
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        row = {"step": step, "loss": step_loss, "lr": lr,
-               "tokens_per_s": tokens / (time.perf_counter() - started)}
+        seconds = time.perf_counter() - started
+        row = {"step": step, "loss": step_loss, "lr": lr, "tokens_per_s": tokens / seconds, "step_seconds": seconds}
         if grad_norm is not None:
             row["grad_norm"] = float(grad_norm)
         row.update(step_metrics)
@@ -305,6 +319,7 @@ def _loop(cfg, model, optimizer, scheduler, loader, eval_loader, steps, accelera
     summary["train_seconds"] = time.perf_counter() - model_start
     if metrics:
         metrics.close()
+    board.close()
     return summary
 
 

@@ -110,19 +110,32 @@ def _render_messages(r: dict, tok: PreTrainedTokenizerBase, opts: RenderOptions,
 
 
 def _render_prompt_completion(r: dict, tok: PreTrainedTokenizerBase, opts: RenderOptions, where: str) -> Rendered:
-    prompt = _field(r, "prompt", where, allow_empty=True)
-    return _prompt_completion(prompt, _field(r, "completion", where), tok, opts, where)
+    return _prompt_completion(*_prompt_completion_parts(r, tok, opts, where), tok, opts, where)
+
+
+def _prompt_completion_parts(r: dict, tok: PreTrainedTokenizerBase, opts: RenderOptions,
+                             where: str) -> tuple[str, str]:
+    return _field(r, "prompt", where, allow_empty=True), _field(r, "completion", where)
 
 
 def _render_alpaca(r: dict, tok: PreTrainedTokenizerBase, opts: RenderOptions, where: str) -> Rendered:
+    return _prompt_completion(*_alpaca_parts(r, tok, opts, where), tok, opts, where)
+
+
+def _alpaca_parts(r: dict, tok: PreTrainedTokenizerBase, opts: RenderOptions, where: str) -> tuple[str, str]:
     extra = r.get("input") or ""
     if not isinstance(extra, str):
         raise LmtuneError(f"{where}: field 'input' must be a string")
     prompt = _field(r, "instruction", where) + (f"\n\n{extra}" if extra else "")
-    return _prompt_completion(prompt, _field(r, "output", where), tok, opts, where)
+    return prompt, _field(r, "output", where)
 
 
 def _render_classification(r: dict, tok: PreTrainedTokenizerBase, opts: RenderOptions, where: str) -> Rendered:
+    return _prompt_completion(*_classification_parts(r, tok, opts, where), tok, opts, where)
+
+
+def _classification_parts(r: dict, tok: PreTrainedTokenizerBase, opts: RenderOptions,
+                          where: str) -> tuple[str, str]:
     """text + label: the prompt template filled from the record, the label as the completion."""
     label = r.get("label")
     if isinstance(label, bool) or not isinstance(label, (str, int)) or label == "":
@@ -136,7 +149,7 @@ def _render_classification(r: dict, tok: PreTrainedTokenizerBase, opts: RenderOp
         raise LmtuneError(f"data.prompt_template is not a valid template ({err}); "
                           "write fields as {{name}}") from None
     plain = not _uses_chat(tok, opts)
-    return _prompt_completion(prompt, (" " if plain else "") + str(label), tok, opts, where)
+    return prompt, (" " if plain else "") + str(label)
 
 
 def _render_text(r: dict, tok: PreTrainedTokenizerBase, opts: RenderOptions, where: str) -> Rendered:
@@ -184,6 +197,26 @@ FORMATS: list[tuple[tuple[str, ...], Callable[..., Rendered]]] = [
     (("text",), _render_text),
 ]
 PREFERENCE_KEYS = ("prompt", "chosen", "rejected")
+
+
+# Formats with one prompt and one answer: the answer is what generation is scored against (lmtune eval).
+PROMPTED: dict[tuple[str, ...], Callable[..., tuple[str, str]]] = {
+    ("prompt", "completion"): _prompt_completion_parts,
+    ("instruction", "output"): _alpaca_parts,
+    ("text", "label"): _classification_parts,
+}
+
+
+def prompt_and_answer(record: dict[str, Any], tokenizer: PreTrainedTokenizerBase, options: RenderOptions,
+                      where: str) -> tuple[str, str] | None:
+    """(prompt, answer) of a record as training renders them, or None for formats without a single answer."""
+    parts = PROMPTED.get(detect(record, where))
+    return None if parts is None else parts(record, tokenizer, options, where)
+
+
+def uses_chat(tokenizer: PreTrainedTokenizerBase, options: RenderOptions) -> bool:
+    """Whether prompts go through the chat template (else they are plain text)."""
+    return _uses_chat(tokenizer, options)
 
 
 def detect(record: dict[str, Any], where: str) -> tuple[str, ...]:

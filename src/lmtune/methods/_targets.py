@@ -148,6 +148,19 @@ def install(model: nn.Module, layers: dict[str, nn.Module]) -> None:
 def merge_wrappers(model: nn.Module, wrapper: type[nn.Module]) -> nn.Module:
     """Fold every `wrapper` module into its base layer and put the base layer back in its place."""
     for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, wrapper)]:
+        _untie(model, module.base_layer)
         module.merge()
         replace_module(model, name, module.base_layer)
     return model
+
+
+def _untie(model: nn.Module, layer: nn.Module) -> None:
+    """A merge rewrites `layer.weight`; when that weight is tied to another module's (an output head tied to
+    the input embeddings), the other must keep the old values, so the layer gets its own copy and the saved
+    config says the two are no longer tied."""
+    weight = layer.weight
+    if sum(p is weight for _, p in model.named_parameters(remove_duplicate=False)) < 2:
+        return
+    layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        config.tie_word_embeddings = False
