@@ -429,7 +429,8 @@ def main() -> None:
     p.add_argument("--rates", help=argparse.SUPPRESS)
     p.add_argument("--model", default=None, help="model directory (default: the packaged SmolLM2-135M-Instruct)")
     p.add_argument("--large", action="store_true", help="also LoRA on a random-weight llama of SmolLM2-360M's shape")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from: " + ", ".join(METHODS))
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help="comma-separated, from: " + ", ".join(METHODS) + " (empty: none, e.g. with --trl / --varlen)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--steps", type=int, default=3, help="timed steps per measurement")
@@ -456,14 +457,14 @@ def main() -> None:
             rate = _rates({**spec, "model": model})
             print(f"{label}: torch.mm {rate:.1f} GFLOP/s", flush=True)
             lines.append(f"| **{label}** (torch.mm: {rate:.0f} GFLOP/s) | | | | | | | | |")
-            names = args.methods.split(",") if model == args.model else ["lora"]
+            names = [n for n in args.methods.split(",") if n] if model == args.model else ["lora"]
             for name in names:
                 peer = "PEFT + loop" if name not in ("adapter", "full", "freeze") else "transformers + loop"
                 c = compare({**spec, "model": model, "method": name}, "lmtune", "peft", args.repeats)
                 lines.append(table_row(name, peer, c, rate))
-                if name == "lora" and args.trl and model == args.model:
-                    c = compare({**spec, "model": model, "method": name}, "lmtune", "trl", args.repeats)
-                    lines.append(table_row(name, "PEFT + TRL SFTTrainer", c, rate))
+            if args.trl and model == args.model:
+                c = compare({**spec, "model": model, "method": "lora"}, "lmtune", "trl", args.repeats)
+                lines.append(table_row("lora", "PEFT + TRL SFTTrainer", c, rate))
         if args.varlen:
             c = compare({**spec, "method": "lora", "data": "varlen"}, "lmtune", "trainer", args.repeats)
             lines.append("| **variable-length SFT data** (useful tokens/s) | | | | | | | | |")
