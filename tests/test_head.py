@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +12,7 @@ from torch import nn
 
 import lmtune
 from lmtune import head as head_module
+from lmtune import objectives
 from lmtune.head import head_logps, hidden_states_for_head
 from lmtune.objectives import sft_loss
 
@@ -17,6 +20,11 @@ from lmtune.objectives import sft_loss
 @pytest.fixture
 def small_chunks(monkeypatch):
     monkeypatch.setattr(head_module, "CHUNK_ELEMENTS", 3 * 50)  # 3 rows per chunk: several chunks, a ragged end
+
+
+@contextmanager
+def _plain(model):
+    yield None
 
 
 def plain(hidden, lin, targets):
@@ -51,8 +59,8 @@ def test_sft_loss_and_gradients_unchanged_on_a_model(small_chunks, method, monke
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
     results = []
     for chunked in (True, False):
-        if not chunked:  # the oracle: every head judged "not last", so the whole logits go through torch's CE
-            monkeypatch.setattr(head_module, "_head_is_last", lambda causal, head: False)
+        if not chunked:  # the oracle: the whole logits through torch's cross-entropy, as before lmtune.head
+            monkeypatch.setattr(objectives, "hidden_states_for_head", _plain)
         tuned = lmtune.apply(build_model("llama"), {"name": method} if method == "full" else
                              {"name": "lora", "r": 4, "init": "random"})
         loss, count, _ = sft_loss(tuned, batch)
@@ -68,17 +76,27 @@ def test_sft_loss_and_gradients_unchanged_on_a_model(small_chunks, method, monke
 
 
 def test_logits_changed_after_the_head_keep_the_plain_path():
-    """A model that soft-caps its logits after the head (as Gemma 2 does) is detected and left alone."""
+    """A model that soft-caps its logits after the head (as Gemma 2 does) is seen on the first call and run the
+    plain way, then and after: the loss is torch's cross-entropy of its own capped logits."""
     model = build_model("llama")
     original = type(model).forward
 
-    def scaled(self, *args, **kwargs):
+    def capped(self, *args, **kwargs):
         out = original(self, *args, **kwargs)
         out.logits = torch.tanh(out.logits / 0.1) * 0.1
         return out
 
-    model.forward = scaled.__get__(model)
-    with hidden_states_for_head(model) as head:
+    model.forward = capped.__get__(model)
+    tuned = lmtune.apply(model, {"name": "lora", "r": 4, "init": "random"})
+    ids = torch.randint(3, 300, (2, 9), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    with torch.no_grad():
+        logits = tuned(input_ids=ids, attention_mask=batch["attention_mask"]).logits
+    expected = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
+    for _ in range(2):  # the first call finds out, the second already knows
+        loss, _, _ = sft_loss(tuned, batch)
+        torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+    with hidden_states_for_head(tuned) as head:
         assert head is None
     with hidden_states_for_head(build_model("llama")) as head:
-        assert isinstance(head, nn.Linear)
+        assert head is not None and isinstance(head.linear, nn.Linear)

@@ -8,8 +8,8 @@ logits at all. A head that trains (full fine-tuning) recomputes each chunk's log
 The matmuls are the same as a plain head's (forward and input gradient), the memory traffic is not.
 
 The model runs with its output embedding switched to the identity (its `.logits` are then the final hidden
-states of the kept positions); whether that is exact for a model (no logit scaling or soft-capping after the
-head) is checked once on the model itself, and the plain path is used where it is not.
+states of the kept positions). Whether that is exact for a model (no logit scaling or soft-capping after the
+head) is seen on its first call, and a model where it is not is run again, and from then on, the plain way.
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ class _HeadLogps(torch.autograd.Function):
                 probs = logits.sub_(lse[part, None]).exp_()
                 expected[part] = probs.to(weight.dtype) @ weight
         ctx.recompute = not frozen_head
+        device = hidden.device.type
+        ctx.autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         ctx.save_for_backward(hidden, weight, bias, targets, lse, expected)
         return logps
 
@@ -59,7 +61,8 @@ class _HeadLogps(torch.autograd.Function):
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if ctx.needs_input_grad[2] else None
         for start in range(0, hidden.shape[0], rows):
             part = slice(start, start + rows)
-            logits = F.linear(hidden[part], weight, bias).float()
+            with torch.autocast(hidden.device.type, dtype=ctx.autocast, enabled=ctx.autocast is not None):
+                logits = F.linear(hidden[part], weight, bias).float()  # as the forward computed them
             # d logp / d logits = onehot(target) - softmax
             dlogits = logits.sub_(lse[part, None]).exp_().mul_(-grad[part, None])
             dlogits[torch.arange(dlogits.shape[0], device=dlogits.device), targets[part]] += grad[part]
@@ -84,48 +87,50 @@ def _causal_lm(model: nn.Module) -> PreTrainedModel | None:
     return next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
 
 
-@contextmanager
-def _identity_head(head: nn.Module) -> Iterator[None]:
-    head.forward = lambda x: x  # an instance attribute shadows the class's forward
-    try:
-        yield
-    finally:
-        del head.forward
+class ChunkedHead:
+    """The model's head while it passes its input through (see `hidden_states_for_head`)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        self.linear = linear
+        self.passed: torch.Tensor | None = None  # what the identity head returned
+        self.autocast: torch.dtype | None = None  # the autocast the model's forward ran under, if any
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):
+            self.autocast = torch.get_autocast_dtype(x.device.type)
+        self.passed = x
+        return x
+
+    def confirm(self, logits: torch.Tensor) -> bool:
+        """Whether the model returned the head's input untouched (no logit scaling or soft-capping after the head:
+        those would have been applied to the hidden states). Learned on a model's first call, then remembered."""
+        known = getattr(self.linear, "_lmtune_head_is_last", None)
+        if known is None:
+            known = logits is self.passed
+            self.linear._lmtune_head_is_last = known
+        return known
+
+    def logps(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """`head_logps` under the autocast the head would have run under inside the model."""
+        if self.autocast is None:
+            return head_logps(hidden, self.linear, targets)
+        with torch.autocast(hidden.device.type, dtype=self.autocast):
+            return head_logps(hidden, self.linear, targets)
 
 
 @contextmanager
-def hidden_states_for_head(model: nn.Module, check: bool = True) -> Iterator[nn.Linear | None]:
-    """Inside: the model's `.logits` are its final hidden states, and the head is yielded; or, where that would
-    not be exact (a head that is not a plain Linear, or logits changed after it), nothing changes and None.
-
-    `check=False` skips running the model to check the latter (the memory trace, on fake tensors, cannot).
-    """
+def hidden_states_for_head(model: nn.Module) -> Iterator[ChunkedHead | None]:
+    """Inside, the model's output embedding is the identity: `.logits` are the final hidden states of the kept
+    positions, and a `ChunkedHead` is yielded; its `confirm(logits)` says whether they are exactly that. None
+    (and nothing changed) for a head that is not a plain Linear or a model known to change its logits."""
     causal = _causal_lm(model)
-    head = causal.get_output_embeddings() if causal is not None else None
-    if type(head) is not nn.Linear or (check and not _head_is_last(causal, head)):
+    linear = causal.get_output_embeddings() if causal is not None else None
+    if type(linear) is not nn.Linear or getattr(linear, "_lmtune_head_is_last", True) is False:
         yield None
         return
-    with _identity_head(head):
-        yield head
-
-
-@torch.no_grad()
-def _head_is_last(causal: PreTrainedModel, head: nn.Linear) -> bool:
-    """True when the model's logits are exactly head(final hidden state) (checked once per model, in eval mode)."""
-    known = getattr(head, "_lmtune_head_is_last", None)
-    if known is not None:
-        return known
-    was_training = causal.training
-    causal.eval()
+    head = ChunkedHead(linear)
+    linear.forward = head  # an instance attribute shadows the class's forward
     try:
-        ids = torch.arange(3, 7, device=head.weight.device)[None] % causal.config.vocab_size
-        logits = causal(input_ids=ids, use_cache=False).logits
-        with _identity_head(head):
-            hidden = causal(input_ids=ids, use_cache=False).logits
-        ok = hidden.shape[-1] == head.in_features and torch.allclose(head(hidden), logits, atol=1e-4, rtol=1e-4)
-    except Exception:  # noqa: BLE001  a model this check cannot run on keeps the plain path
-        ok = False
+        yield head
     finally:
-        causal.train(was_training)
-    head._lmtune_head_is_last = ok
-    return ok
+        del linear.forward
