@@ -4,7 +4,7 @@ Usage: python benchmarks/ablation.py TREE [TREE ...] [--method lora] [--repeats 
        [--steps 2] [--warmup 1]
 
 Each round runs, in fresh processes, PEFT + plain loop once and lmtune from every tree (the order rotating per
-round), with `vs_peft.py --child` of that tree; it prints per tree the tokens/s ratio to the PEFT run of the same
+round), with this tree's `vs_peft.py --child` importing that tree's lmtune; it prints per tree the tokens/s ratio to the PEFT run of the same
 round (min / median / max) and the peak memory ratio. Make the trees with `git worktree add --detach DIR COMMIT`.
 """
 
@@ -22,7 +22,8 @@ from pathlib import Path
 def child(tree: Path, spec: dict) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0",
            "PYTHONPATH": str(tree / "src"), "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, str(tree / "benchmarks" / "vs_peft.py"), "--child", json.dumps(spec)],
+    harness = Path(__file__).with_name("vs_peft.py")  # this tree's harness, the tree's lmtune
+    proc = subprocess.run([sys.executable, str(harness), "--child", json.dumps(spec)],
                           capture_output=True, text=True, env=env)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:
@@ -43,9 +44,11 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--label-fraction", type=float, default=0.5)
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--cpu-time", action="store_true", help="time steps by CPU time (see vs_peft.py)")
     args = p.parse_args()
     spec = {"model": args.model, "batch": args.batch_size, "seq": args.seq_len, "steps": args.steps,
-            "warmup": args.warmup, "label_fraction": args.label_fraction, "threads": args.threads, "data": "fixed", "method": args.method}
+            "warmup": args.warmup, "label_fraction": args.label_fraction, "threads": args.threads, "data": "fixed", "method": args.method,
+            "cpu_time": args.cpu_time}
     trees = [t.resolve() for t in args.trees]
     speed: dict[Path, list[float]] = {t: [] for t in trees}
     memory: dict[Path, list[float]] = {t: [] for t in trees}

@@ -2,7 +2,7 @@
 
 Usage: python benchmarks/vs_peft.py [--model PATH] [--large] [--methods lora,ia3,...] [--batch-size 4]
        [--seq-len 128] [--steps 3] [--warmup 1] [--repeats 3] [--label-fraction 0.5] [--trl] [--varlen]
-       [--out benchmarks/results/vs_peft.md]
+       [--threads N] [--cpu-time] [--out benchmarks/results/vs_peft.md]
 
 Every measurement runs in a fresh process (`--child`), and the two sides alternate (A, B, A, B ...), so drift
 of a shared machine hits both alike. In each process the same model is loaded, the same method settings
@@ -20,6 +20,9 @@ applied (PEFT's config is lmtune's own `to_peft` of the lmtune config), the same
 
 Fixed-shape batches are `batch x seq-len` random tokens, every row full; the last `label-fraction` of each row
 is the completion (labelled), the rest the prompt (label -100), as in SFT.
+
+Timing: wall time by default; `--cpu-time` times each step by the process's CPU time instead, which with
+`--threads 1` does not count the time other jobs on a shared machine take from it (the matmul rate alike).
 
 Peak memory: the child's peak RSS (`ru_maxrss`) above its RSS high-water mark after imports, before the model is
 loaded, with glibc told to return freed memory at once (so allocator caching does not hide or inflate a peak).
@@ -107,13 +110,17 @@ def _model_flops(model, batch: dict, trainable_head: bool | None = None) -> floa
     return flops + 3 * 2 * b * s * s * hidden * layers
 
 
+clock = time.perf_counter
+"""What steps are timed with: wall time, or (`--cpu-time`) the process's CPU time."""
+
+
 def _timed_loop(step, batches, warmup: int, steps: int) -> list[float]:
     times = []
     for i in range(warmup + steps):
-        started = time.perf_counter()
+        started = clock()
         step(batches[i % len(batches)])
         if i >= warmup:
-            times.append(time.perf_counter() - started)
+            times.append(clock() - started)
     return times
 
 
@@ -220,10 +227,10 @@ class _StepClock:
                 self.marks = []
 
             def on_train_begin(self, args, state, control, **kwargs):
-                self.marks.append(time.perf_counter())
+                self.marks.append(clock())
 
             def on_step_end(self, args, state, control, **kwargs):
-                self.marks.append(time.perf_counter())
+                self.marks.append(clock())
 
         return Clock()
 
@@ -295,6 +302,8 @@ SIDES = {"lmtune": _lmtune, "peft": _peft, "trainer": _trainer, "trl": _trl}
 def child(spec: dict) -> None:
     import torch
 
+    global clock
+    clock = time.process_time if spec.get("cpu_time") else time.perf_counter
     torch.set_num_threads(spec["threads"])
     import accelerate  # noqa: F401  every side's imports before the baseline: memory counts from here
     import peft  # noqa: F401
@@ -333,10 +342,11 @@ def matmul_rates(spec: dict) -> None:
         a, b = torch.randn(rows, k), torch.randn(k, n)
         torch.mm(a, b)
         best = float("inf")
+        now = time.process_time if spec.get("cpu_time") else time.perf_counter
         for _ in range(5):
-            started = time.perf_counter()
+            started = now()
             torch.mm(a, b)
-            best = min(best, time.perf_counter() - started)
+            best = min(best, now() - started)
         flops += count * 2 * rows * k * n
         seconds += count * best
     print("RESULT " + json.dumps({"gflops": flops / seconds / 1e9, "shapes": len(shapes)}), flush=True)
@@ -438,6 +448,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="interleaved lmtune / peer pairs per row")
     p.add_argument("--label-fraction", type=float, default=0.5, help="labelled (completion) share of each row")
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--cpu-time", action="store_true",
+                   help="time steps by the process's CPU time, not wall time (with --threads 1: robust to other load)")
     p.add_argument("--trl", action="store_true", help="also LoRA against TRL's SFTTrainer")
     p.add_argument("--varlen", action="store_true", help="also variable-length data: packing vs Trainer padding")
     p.add_argument("--out", default=None, help="write the markdown table here")
@@ -447,10 +459,11 @@ def main() -> None:
     if args.rates:
         return matmul_rates(json.loads(args.rates))
     spec = {"model": args.model, "batch": args.batch_size, "seq": args.seq_len, "steps": args.steps,
-            "warmup": args.warmup, "label_fraction": args.label_fraction, "threads": args.threads, "data": "fixed"}
+            "warmup": args.warmup, "label_fraction": args.label_fraction, "threads": args.threads, "data": "fixed",
+            "cpu_time": args.cpu_time}
     lines = [*HEADER]
     with tempfile.TemporaryDirectory() as tmp:
-        models = [("SmolLM2-135M", args.model)]
+        models = [(Path(args.model).name if args.model else "SmolLM2-135M-Instruct", args.model)]
         if args.large:
             models.append(("llama 360M-shape (random)", build_large(Path(tmp) / "large")))
         for label, model in models:
