@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from lmtune.data.format import IGNORE
+from lmtune.head import hidden_states_for_head
 
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,11 +42,16 @@ def _labelled_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -
     labels = batch["labels"]
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != IGNORE  # position t predicts token t + 1
-    logits = model(**_model_inputs(batch), logits_to_keep=keep).logits
+    with hidden_states_for_head(model) as head:  # the head's own work is done below, in chunks
+        logits = model(**_model_inputs(batch), logits_to_keep=keep).logits
+    if head is not None and not head.confirm(logits):  # logits changed after the head: run it the plain way
+        head, logits = None, model(**_model_inputs(batch), logits_to_keep=keep).logits
     if logits.dim() == 3:  # a model that ignores logits_to_keep returns every position
         logits = logits[keep.to(logits.device)]
     targets = labels[:, 1:][keep[:, :-1]].to(logits.device)
     rows = keep.nonzero()[:, 0].to(logits.device)
+    if head is not None:  # `logits` are the final hidden states
+        return head.logps(logits, targets), rows
     return -F.cross_entropy(logits.float(), targets, reduction="none"), rows
 
 

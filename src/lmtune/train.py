@@ -292,21 +292,10 @@ def _loop(cfg, model, optimizer, scheduler, loader, eval_loader, steps, accelera
                dynamic_ncols=True, initial=start.step, total=steps)
     model.train()
     for step in bar:
-        started = time.perf_counter()
-        step_loss, tokens, step_metrics = _accumulate(model, [next(batches) for _ in range(t.grad_accum)],
-                                                      objective, accelerator)
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm) if t.max_grad_norm else None
-        check_finite(step_loss, None if grad_norm is None else float(grad_norm), step, out)
-        lr = scheduler.get_last_lr()[0]  # the rate this step uses; after scheduler.step() it is the next one's
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        seconds = time.perf_counter() - started
-        row = {"step": step, "loss": step_loss, "lr": lr, "tokens_per_s": tokens / seconds, "step_seconds": seconds}
-        if grad_norm is not None:
-            row["grad_norm"] = float(grad_norm)
-        row.update(step_metrics)
-        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+        row = {"step": step, **train_step(model, optimizer, scheduler, [next(batches) for _ in range(t.grad_accum)],
+                                          objective, accelerator, t.max_grad_norm,
+                                          check=functools.partial(check_finite, step=step, out=out))}
+        bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
         if step % t.log_every == 0 or step == steps:
             record(row)
         if eval_loader is not None and (step == steps or (t.eval_every and step % t.eval_every == 0)):
@@ -314,7 +303,7 @@ def _loop(cfg, model, optimizer, scheduler, loader, eval_loader, steps, accelera
             summary.update(evaluated)
             record({"step": step, **evaluated})
             bar.write(f"step {step}: " + ", ".join(f"{k.removeprefix('eval_')} {v:.4g}" for k, v in evaluated.items()))
-        summary["loss"] = step_loss
+        summary["loss"] = row["loss"]
         _save_or_stop(out, step, steps, cfg, accelerator, model, optimizer, scheduler, summary, stop)
     summary["train_seconds"] = time.perf_counter() - model_start
     if metrics:
@@ -332,6 +321,26 @@ def _save_or_stop(out: Path, step: int, steps: int, cfg, accelerator, model, opt
     if stopping:
         raise Stopped(f"stopped after step {step} of {steps}; its checkpoint is in {out / 'checkpoints'}; "
                       "run the same config again to resume")
+
+
+def train_step(model, optimizer, scheduler, micro: list[dict], objective, accelerator: Accelerator,
+               max_grad_norm: float | None, check=None) -> dict:
+    """One optimizer step as `lmtune train` takes it (forward + backward over the micro-batches, clip, update);
+    the row it logs. `check(loss, grad_norm)` runs before the update (the loop stops on NaN there)."""
+    started = time.perf_counter()
+    step_loss, tokens, step_metrics = _accumulate(model, micro, objective, accelerator)
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm) if max_grad_norm else None
+    if check is not None:
+        check(step_loss, None if grad_norm is None else float(grad_norm))
+    lr = scheduler.get_last_lr()[0]  # the rate this step uses; after scheduler.step() it is the next one's
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    seconds = time.perf_counter() - started
+    row = {"loss": step_loss, "lr": lr, "tokens_per_s": tokens / seconds, "step_seconds": seconds}
+    if grad_norm is not None:
+        row["grad_norm"] = float(grad_norm)
+    return {**row, **step_metrics}
 
 
 def _accumulate(model, micro: list[dict], objective, accelerator: Accelerator) -> tuple[float, float, dict]:

@@ -19,6 +19,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary, weakref
 
+from lmtune.head import hidden_states_for_head
+
 
 class LiveBytes(TorchDispatchMode):
     """Counts the bytes of distinct tensor storages alive, and their peak."""
@@ -116,12 +118,14 @@ def token_logps_loss(model: torch.nn.Module, input_ids: torch.Tensor, keep: torc
     tensors cannot tell it is all ones, and a padded batch's is not); packed batches run causal with none.
     """
     mask = torch.ones_like(input_ids) if padded else None
-    with autocast:
+    with autocast, hidden_states_for_head(model) as head:  # the objective's chunked head
         logits = model(input_ids=input_ids, attention_mask=mask, logits_to_keep=keep).logits
     if logits.dim() == 3:  # a model that ignores logits_to_keep returns every position
         logits = logits[:, :-1].flatten(0, 1)
         count = logits.shape[0]
     targets = torch.zeros(count, dtype=torch.long, device=logits.device)
+    if head is not None:
+        return -head.logps(logits, targets).sum()
     return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 

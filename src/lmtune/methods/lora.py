@@ -106,8 +106,13 @@ class LoraLinear(nn.Module):
         y = self.base_layer(x)
         if self.disabled or self.merged:
             return y
-        update = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
-        return y + (update * self.scaling).to(y.dtype)
+        down = self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))  # .to: a no-op unless the base is bf16
+        if down.dtype != y.dtype:
+            return y + (self.lora_B(down) * self.scaling).to(y.dtype)
+        # y + s * down B^T in one GEMM that accumulates into a copy of y: no separate update, scaled update
+        # and sum tensors of the layer's full output size (one pass over it instead of four).
+        out = torch.addmm(y.flatten(0, -2), down.flatten(0, -2), self.lora_B.weight.t(), alpha=self.scaling)
+        return out.view(y.shape)
 
     def delta_weight(self) -> torch.Tensor:
         """s * B A in fp32, laid out like the base weight (transposed for Conv1D)."""

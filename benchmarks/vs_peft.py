@@ -1,0 +1,501 @@
+"""lmtune against PEFT + transformers, side by side: tokens/s, seconds/step, peak memory, MFU.
+
+Usage: python benchmarks/vs_peft.py [--model PATH] [--large] [--methods lora,ia3,...] [--batch-size 4]
+       [--seq-len 128] [--steps 3] [--warmup 1] [--repeats 3] [--label-fraction 0.5] [--trl] [--varlen]
+       [--threads N] [--cpu-time] [--out benchmarks/results/vs_peft.md]
+
+Every measurement runs in a fresh process (`--child`), and the two sides alternate (A, B, A, B ...), so drift
+of a shared machine hits both alike. In each process the same model is loaded, the same method settings
+applied (PEFT's config is lmtune's own `to_peft` of the lmtune config), the same batches trained with AdamW
+(same lr, weight decay, gradient clipping), `--warmup` steps untimed, then `--steps` timed.
+
+- lmtune: `TunedModel` + `objectives.sft_loss` + AdamW through `train.train_step`, the step `lmtune train` takes.
+- PEFT + plain loop: `get_peft_model`, then `model(**batch, labels=labels).loss.backward()`, clip, AdamW step.
+  Methods PEFT does not have (adapter) and full / freeze: the same modules trained by that plain loop on the
+  transformers model (transformers' own loss), so the difference is lmtune's step alone.
+- `--trl`: LoRA also against TRL's `SFTTrainer` (PEFT inside), timed between its step callbacks.
+- `--varlen`: variable-length SFT data (the example files under examples/data, tokenised by lmtune): lmtune with
+  `data.packing` against PEFT + transformers `Trainer` padding each batch to its longest example; the figure is
+  useful (non-pad) tokens per second.
+
+Fixed-shape batches are `batch x seq-len` random tokens, every row full; the last `label-fraction` of each row
+is the completion (labelled), the rest the prompt (label -100), as in SFT.
+
+Timing: wall time by default; `--cpu-time` times each step by the process's CPU time instead, which with
+`--threads 1` does not count the time other jobs on a shared machine take from it (the matmul rate alike).
+
+Peak memory: the child's peak RSS (`ru_maxrss`) above its RSS high-water mark after imports, before the model is
+loaded, with glibc told to return freed memory at once (so allocator caching does not hide or inflate a peak).
+MFU: model FLOPs per step (2·T per weight forward, 2·T backward to the inputs, 2·T more for a weight that
+trains; the LM head only on labelled positions; causal attention 2·B·S²·H per layer forward, x3 with
+backward) over the step time, against the measured `torch.mm` rate at the model's own Linear shapes
+(M = batch x seq-len rows, FLOP-weighted), in the same number of threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = {  # lmtune's settings; the peer gets the same through the method's to_peft
+    "lora": {"name": "lora", "r": 8, "alpha": 16, "target_modules": "all-linear"},
+    "ia3": {"name": "ia3"},
+    "prompt": {"name": "prompt", "num_virtual_tokens": 20},
+    "p-tuning": {"name": "p-tuning", "num_virtual_tokens": 20},
+    "prefix": {"name": "prefix", "num_virtual_tokens": 20},
+    "adapter": {"name": "adapter"},
+    "freeze": {"name": "freeze", "last_n_layers": 2},
+    "full": {"name": "full"},
+}
+VARLEN_FILES = ["alpaca.jsonl", "chats.jsonl", "identity.jsonl", "topics_train.jsonl"]
+LR, WEIGHT_DECAY, MAX_GRAD_NORM = 1e-4, 0.0, 1.0
+# A larger random-weight llama (SmolLM2-360M's shape), built from its config: no download.
+LARGE = {"vocab_size": 49152, "hidden_size": 960, "intermediate_size": 2560, "num_hidden_layers": 32,
+         "num_attention_heads": 15, "num_key_value_heads": 5, "max_position_embeddings": 2048,
+         "tie_word_embeddings": True, "rms_norm_eps": 1e-5, "rope_theta": 100000.0}
+
+
+# ---------------------------------------------------------------------------------------------- child side
+
+
+def _rss_kb() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _fixed_batch(spec: dict, vocab: int):
+    import torch
+
+    b, s = spec["batch"], spec["seq"]
+    ids = torch.randint(3, vocab, (b, s), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, : s - max(1, round(s * spec["label_fraction"]))] = -100
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def _varlen_examples(spec: dict, tokenizer):
+    from lmtune.config import DataConfig
+    from lmtune.data.pipeline import load_data
+
+    files = [str(ROOT / "examples" / "data" / f) for f in VARLEN_FILES]
+    train, _, _ = load_data(DataConfig(train=files, max_length=spec["seq"]), tokenizer, "sft", 0)
+    return train
+
+
+def _model_flops(model, batch: dict, trainable_head: bool | None = None) -> float:
+    """Model FLOPs of one training step (see the module docstring), from the model's own Linear layers."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings()
+    tokens = batch["input_ids"].numel()
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    flops = 0.0
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not head:
+            flops += 2 * tokens * m.weight.numel() * (3 if m.weight.requires_grad else 2)
+    head_trains = head.weight.requires_grad if trainable_head is None else trainable_head
+    flops += 2 * labelled * head.weight.numel() * (3 if head_trains else 2)
+    cfg = model.config
+    hidden, layers = cfg.hidden_size, cfg.num_hidden_layers
+    b, s = batch["input_ids"].shape
+    return flops + 3 * 2 * b * s * s * hidden * layers
+
+
+clock = time.perf_counter
+"""What steps are timed with: wall time, or (`--cpu-time`) the process's CPU time."""
+
+
+def _timed_loop(step, batches, warmup: int, steps: int) -> list[float]:
+    times = []
+    for i in range(warmup + steps):
+        started = clock()
+        step(batches[i % len(batches)])
+        if i >= warmup:
+            times.append(clock() - started)
+    return times
+
+
+def _lmtune(spec: dict, model, tokenizer) -> dict:
+    import torch
+    from accelerate import Accelerator
+
+    from lmtune.objectives import real_tokens, sft_loss
+    from lmtune.train import train_step
+    from lmtune.tuned import apply
+
+    tuned = apply(model, METHODS[spec["method"]], tokenizer=tokenizer)
+    accelerator = Accelerator(cpu=True, mixed_precision="no")
+    optimizer = torch.optim.AdamW([p for p in tuned.parameters() if p.requires_grad], lr=LR,
+                                  weight_decay=WEIGHT_DECAY)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    tuned, optimizer = accelerator.prepare(tuned, optimizer)
+    tuned.train()
+    batches = _batches(spec, tokenizer, model, packed=True)
+    losses = []
+
+    def step(batch):
+        losses.append(train_step(tuned, optimizer, scheduler, [batch], sft_loss, accelerator, MAX_GRAD_NORM)["loss"])
+
+    times = _timed_loop(step, batches, spec["warmup"], spec["steps"])
+    out = {"times": times, "tokens": _step_tokens(batches, spec, real_tokens), "loss": losses[-1]}
+    if spec["data"] == "fixed":
+        out["model_flops"] = _model_flops(model, batches[0])
+    return out
+
+
+def _batches(spec: dict, tokenizer, model, packed: bool) -> list[dict]:
+    """The batches of every step: one fixed batch, or variable-length examples (packed for lmtune)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from lmtune.data import collate
+    from lmtune.data.pack import collate_packed, pack
+
+    if spec["data"] == "fixed":
+        return [_fixed_batch(spec, model.config.vocab_size)]
+    examples = _varlen_examples(spec, tokenizer)
+    rows = pack(examples, spec["seq"]) if packed else examples
+    loader = DataLoader(rows, batch_size=spec["batch"], shuffle=True, generator=torch.Generator().manual_seed(0),
+                        collate_fn=lambda r: (collate_packed if packed else collate)(r, tokenizer.pad_token_id))
+    batches = list(loader)
+    return batches[: spec["warmup"] + spec["steps"]]
+
+
+def _step_tokens(batches: list[dict], spec: dict, count) -> list[int]:
+    """Useful tokens of each timed step."""
+    n = spec["warmup"] + spec["steps"]
+    return [count(batches[i % len(batches)]) for i in range(spec["warmup"], n)]
+
+
+def _peer_model(spec: dict, model, tokenizer):
+    """PEFT's model for the method, or (methods PEFT lacks, full, freeze) lmtune's modules on the bare model."""
+    from peft import get_peft_config, get_peft_model
+
+    from lmtune.methods import get_method, parse_method_config
+    from lmtune.tuned import apply
+
+    method = get_method(spec["method"])
+    if spec["method"] in ("adapter", "full", "freeze"):
+        return apply(model, METHODS[spec["method"]], tokenizer=tokenizer).model
+    cfg = parse_method_config(METHODS[spec["method"]])
+    peft_cfg = get_peft_config({"peft_type": method.peft_type, "task_type": "CAUSAL_LM",
+                                **method.to_peft(cfg, model)})
+    return get_peft_model(model, peft_cfg)
+
+
+def _peft(spec: dict, model, tokenizer) -> dict:
+    import torch
+
+    peer = _peer_model(spec, model, tokenizer)
+    peer.train()
+    params = [p for p in peer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)
+    batches = _batches(spec, tokenizer, model, packed=False)
+    losses = []
+
+    def step(batch):
+        loss = peer(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    labels=batch["labels"]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+
+    times = _timed_loop(step, batches, spec["warmup"], spec["steps"])
+    return {"times": times, "tokens": _step_tokens(batches, spec, lambda b: int(b["attention_mask"].sum())),
+            "loss": losses[-1]}
+
+
+class _StepClock:
+    """A TrainerCallback recording when each optimizer step ends."""
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class Clock(TrainerCallback):
+            def __init__(self):
+                self.marks = []
+
+            def on_train_begin(self, args, state, control, **kwargs):
+                self.marks.append(clock())
+
+            def on_step_end(self, args, state, control, **kwargs):
+                self.marks.append(clock())
+
+        return Clock()
+
+
+def _trainer_args(spec: dict, work: str, cls=None, **extra):
+    from transformers import TrainingArguments
+
+    cls = cls or TrainingArguments
+    return cls(output_dir=work, max_steps=spec["warmup"] + spec["steps"], per_device_train_batch_size=spec["batch"],
+               learning_rate=LR, weight_decay=WEIGHT_DECAY, max_grad_norm=MAX_GRAD_NORM,
+               lr_scheduler_type="constant", save_strategy="no", report_to="none", logging_steps=10_000,
+               use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, seed=0, **extra)
+
+
+def _clock_result(clock, spec: dict, tokens: list[int]) -> dict:
+    steps = [b - a for a, b in zip(clock.marks, clock.marks[1:], strict=False)]
+    return {"times": steps[spec["warmup"]:], "tokens": tokens[spec["warmup"]: spec["warmup"] + spec["steps"]]}
+
+
+def _trainer(spec: dict, model, tokenizer) -> dict:
+    """PEFT + transformers Trainer, each batch padded to its longest example (variable-length data)."""
+    from transformers import DataCollatorForSeq2Seq, Trainer
+
+    peer = _peer_model(spec, model, tokenizer)
+    examples = [{"input_ids": e.input_ids, "labels": e.labels} for e in _varlen_examples(spec, tokenizer)]
+    pad = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    tokens: list[int] = []
+
+    def collate(rows):
+        batch = pad(rows)
+        tokens.append(int(batch["attention_mask"].sum()))
+        return batch
+
+    clock = _StepClock()
+    with tempfile.TemporaryDirectory() as work:
+        Trainer(model=peer, args=_trainer_args(spec, work), train_dataset=examples, data_collator=collate,
+                callbacks=[clock]).train()
+    return _clock_result(clock, spec, tokens)
+
+
+def _trl(spec: dict, model, tokenizer) -> dict:
+    """PEFT LoRA through TRL's SFTTrainer on the fixed batch (prompt / completion split as for the others)."""
+    from datasets import Dataset
+    from peft import get_peft_config
+    from trl import SFTConfig, SFTTrainer
+
+    from lmtune.methods import get_method, parse_method_config
+
+    batch = _fixed_batch(spec, model.config.vocab_size)
+    rows = [{"input_ids": ids.tolist(), "completion_mask": (lab != -100).long().tolist()}
+            for ids, lab in zip(batch["input_ids"], batch["labels"], strict=True)]
+    data = Dataset.from_list(rows * (spec["warmup"] + spec["steps"]))
+    method = get_method(spec["method"])
+    cfg = parse_method_config(METHODS[spec["method"]])
+    peft_cfg = get_peft_config({"peft_type": method.peft_type, "task_type": "CAUSAL_LM", **method.to_peft(cfg, model)})
+    clock = _StepClock()
+    with tempfile.TemporaryDirectory() as work:
+        args = _trainer_args(spec, work, cls=SFTConfig, max_length=spec["seq"], packing=False,
+                             completion_only_loss=True, dataset_num_proc=None)
+        SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=peft_cfg,
+                   callbacks=[clock]).train()
+    n = spec["batch"] * spec["seq"]
+    return _clock_result(clock, spec, [n] * (spec["warmup"] + spec["steps"]))
+
+
+SIDES = {"lmtune": _lmtune, "peft": _peft, "trainer": _trainer, "trl": _trl}
+
+
+def child(spec: dict) -> None:
+    import torch
+
+    global clock
+    clock = time.process_time if spec.get("cpu_time") else time.perf_counter
+    torch.set_num_threads(spec["threads"])
+    import accelerate  # noqa: F401  every side's imports before the baseline: memory counts from here
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+
+    import lmtune.train  # noqa: F401
+    from lmtune.models import load_model
+
+    if spec["side"] == "trl":
+        import trl  # noqa: F401
+    base = _rss_kb()
+    torch.manual_seed(0)
+    model, tokenizer = load_model(spec["model"])
+    result = SIDES[spec["side"]](spec, model, tokenizer)
+    result["peak_mb"] = (_rss_kb() - base) / 1024
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def matmul_rates(spec: dict) -> None:
+    """FLOP-weighted torch.mm rate at the model's Linear shapes, M = batch x seq-len rows."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lmtune.models import resolve_model_path
+
+    torch.set_num_threads(spec["threads"])
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model_path(spec["model"])))
+    shapes: dict[tuple[int, int], int] = {}
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            shapes[(m.in_features, m.out_features)] = shapes.get((m.in_features, m.out_features), 0) + 1
+    rows = spec["batch"] * spec["seq"]
+    flops = seconds = 0.0
+    for (k, n), count in shapes.items():
+        a, b = torch.randn(rows, k), torch.randn(k, n)
+        torch.mm(a, b)
+        best = float("inf")
+        now = time.process_time if spec.get("cpu_time") else time.perf_counter
+        for _ in range(5):
+            started = now()
+            torch.mm(a, b)
+            best = min(best, now() - started)
+        flops += count * 2 * rows * k * n
+        seconds += count * best
+    print("RESULT " + json.dumps({"gflops": flops / seconds / 1e9, "shapes": len(shapes)}), flush=True)
+
+
+# --------------------------------------------------------------------------------------------- parent side
+
+
+def run_child(spec: dict) -> dict:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0",
+           "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
+                          env=env)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": tail[:200]}
+    return json.loads(line.removeprefix("RESULT "))
+
+
+def summarise(r: dict) -> dict:
+    """tokens/s and s/step over the timed steps of one measurement."""
+    seconds = sum(r["times"])
+    return {"tok_s": sum(r["tokens"]) / seconds, "s_step": statistics.median(r["times"]), "peak_mb": r["peak_mb"]}
+
+
+def ratios(ours: list[dict], theirs: list[dict], key: str) -> tuple[float, float, float]:
+    """lmtune / peer per interleaved pair: min, median, max."""
+    values = [a[key] / b[key] for a, b in zip(ours, theirs, strict=True)]
+    return min(values), statistics.median(values), max(values)
+
+
+def compare(spec: dict, ours_side: str, peer_side: str, repeats: int) -> dict:
+    ours, theirs = [], []
+    for i in range(repeats):
+        pair = [(ours_side, ours), (peer_side, theirs)]
+        for side, bucket in pair if i % 2 == 0 else pair[::-1]:  # A B, B A, ...: no side always goes first
+            r = run_child({**spec, "side": side})
+            if "error" in r:
+                return {"error": f"{side}: {r['error']}"}
+            bucket.append({**summarise(r), "model_flops": r.get("model_flops")})
+            print(json.dumps({"method": spec["method"], "side": side, **bucket[-1]}), flush=True)
+    return {"ours": ours, "theirs": theirs}
+
+
+def fmt(t: tuple[float, float, float]) -> str:
+    return f"{t[1]:.2f} ({t[0]:.2f}-{t[2]:.2f})"
+
+
+def table_row(label: str, peer: str, c: dict, rate: float | None) -> str:
+    if "error" in c:
+        return f"| {label} | {peer} | error: {c['error']} | | | | | |"
+    ours, theirs = c["ours"], c["theirs"]
+    med = lambda rows, k: statistics.median(x[k] for x in rows)  # noqa: E731
+    mfu = ""
+    if rate and ours[0].get("model_flops"):
+        flops = ours[0]["model_flops"]
+        mfu = f"{100 * flops / med(ours, 's_step') / rate / 1e9:.0f}% / {100 * flops / med(theirs, 's_step') / rate / 1e9:.0f}%"
+    # s/step ratio is peer / lmtune, so that > 1 means lmtune is faster, like the tokens/s ratio
+    step = ratios(theirs, ours, "s_step")
+    return (f"| {label} | {peer} | {med(ours, 'tok_s'):.0f} / {med(theirs, 'tok_s'):.0f} | "
+            f"{fmt(ratios(ours, theirs, 'tok_s'))} | {med(ours, 's_step'):.2f} / {med(theirs, 's_step'):.2f} | "
+            f"{fmt(step)} | {med(ours, 'peak_mb'):.0f} / {med(theirs, 'peak_mb'):.0f} | "
+            f"{fmt(ratios(ours, theirs, 'peak_mb'))} | {mfu} |")
+
+
+HEADER = ["| method | peer | tokens/s lmtune / peer | tokens/s ratio | s/step lmtune / peer | speed-up (s/step) "
+          "| peak MB lmtune / peer | memory ratio | MFU lmtune / peer |",
+          "|---|---|---|---|---|---|---|---|---|"]
+
+
+def build_large(directory: Path) -> str:
+    """The larger llama, random weights, saved once (with the default model's tokenizer) for every child."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from lmtune.models import load_tokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**LARGE))
+    model.save_pretrained(directory)
+    load_tokenizer(None).save_pretrained(directory)
+    return str(directory)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--rates", help=argparse.SUPPRESS)
+    p.add_argument("--model", default=None, help="model directory (default: the packaged SmolLM2-135M-Instruct)")
+    p.add_argument("--large", action="store_true", help="also LoRA on a random-weight llama of SmolLM2-360M's shape")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help="comma-separated, from: " + ", ".join(METHODS) + " (empty: none, e.g. with --trl / --varlen)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per measurement")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved lmtune / peer pairs per row")
+    p.add_argument("--label-fraction", type=float, default=0.5, help="labelled (completion) share of each row")
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--cpu-time", action="store_true",
+                   help="time steps by the process's CPU time, not wall time (with --threads 1: robust to other load)")
+    p.add_argument("--trl", action="store_true", help="also LoRA against TRL's SFTTrainer")
+    p.add_argument("--varlen", action="store_true", help="also variable-length data: packing vs Trainer padding")
+    p.add_argument("--out", default=None, help="write the markdown table here")
+    args = p.parse_args()
+    if args.child:
+        return child(json.loads(args.child))
+    if args.rates:
+        return matmul_rates(json.loads(args.rates))
+    spec = {"model": args.model, "batch": args.batch_size, "seq": args.seq_len, "steps": args.steps,
+            "warmup": args.warmup, "label_fraction": args.label_fraction, "threads": args.threads, "data": "fixed",
+            "cpu_time": args.cpu_time}
+    lines = [*HEADER]
+    with tempfile.TemporaryDirectory() as tmp:
+        models = [(Path(args.model).name if args.model else "SmolLM2-135M-Instruct", args.model)]
+        if args.large:
+            models.append(("llama 360M-shape (random)", build_large(Path(tmp) / "large")))
+        for label, model in models:
+            rate = _rates({**spec, "model": model})
+            print(f"{label}: torch.mm {rate:.1f} GFLOP/s", flush=True)
+            lines.append(f"| **{label}** (torch.mm: {rate:.0f} GFLOP/s) | | | | | | | | |")
+            names = [n for n in args.methods.split(",") if n] if model == args.model else ["lora"]
+            for name in names:
+                peer = "PEFT + loop" if name not in ("adapter", "full", "freeze") else "transformers + loop"
+                c = compare({**spec, "model": model, "method": name}, "lmtune", "peft", args.repeats)
+                lines.append(table_row(name, peer, c, rate))
+            if args.trl and model == args.model:
+                c = compare({**spec, "model": model, "method": "lora"}, "lmtune", "trl", args.repeats)
+                lines.append(table_row("lora", "PEFT + TRL SFTTrainer", c, rate))
+        if args.varlen:
+            c = compare({**spec, "method": "lora", "data": "varlen"}, "lmtune", "trainer", args.repeats)
+            lines.append("| **variable-length SFT data** (useful tokens/s) | | | | | | | | |")
+            lines.append(table_row("lora, lmtune packing", "PEFT + Trainer, padding", c, None))
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(table)
+
+
+def _rates(spec: dict) -> float:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, __file__, "--rates", json.dumps(spec)], capture_output=True, text=True,
+                          env=env, check=True)
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line.removeprefix("RESULT "))["gflops"]
+
+
+if __name__ == "__main__":
+    main()
