@@ -51,6 +51,12 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
     pv.add_argument("config", nargs="?", help="YAML run config")
     pv.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. data.train=x.jsonl")
     pv.add_argument("-n", "--examples", type=int, default=3, help="examples shown per training source (default 3)")
+    r = sub.add_parser("reward", help="score a response with a reward model",
+                       description="Print the score a reward model (a run of task: reward) gives a response to a "
+                       "prompt. Example: lmtune reward runs/reward --prompt 'Is 4 even?' --response 'Yes.'")
+    r.add_argument("run_dir", help="a run directory from lmtune train with task: reward")
+    r.add_argument("--prompt", required=True, help="the user message (rendered as in training)")
+    r.add_argument("--response", required=True, help="the answer to score")
     m = sub.add_parser("merge", help="fold LoRA / IA3 into the base weights", description="Merge a run into its base "
                        "weights and save a plain transformers model directory.")
     m.add_argument("run_dir")
@@ -127,6 +133,12 @@ def _data(args: argparse.Namespace) -> None:
     print(preview(cfg, load_tokenizer(cfg.model.name, cfg.model.trust_remote_code), args.examples))
 
 
+def _reward(args: argparse.Namespace) -> None:
+    from lmtune.rl.reward_model import score_run
+
+    print(f"{score_run(args.run_dir, args.prompt, args.response):.4f}")
+
+
 def _merge(args: argparse.Namespace) -> None:
     from lmtune.checkpoint import merge_to
 
@@ -134,7 +146,7 @@ def _merge(args: argparse.Namespace) -> None:
     print(f"merged model written to {args.out}")
 
 
-COMMANDS = {"train": _train, "estimate": _estimate, "generate": _generate, "chat": _chat, "merge": _merge,
+COMMANDS = {"train": _train, "estimate": _estimate, "generate": _generate, "chat": _chat, "merge": _merge, "reward": _reward,
             "data": _data}
 
 

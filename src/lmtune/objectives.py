@@ -32,8 +32,10 @@ def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | No
     return inputs
 
 
-def _labelled_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p of every labelled token, its row), labelled tokens in row-major order.
+def _labelled_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                       temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p of every labelled token, its row), labelled tokens in row-major order; `temperature` divides
+    the logits (GRPO scores completions under the distribution they were sampled from).
 
     Only positions whose next token carries loss go through the LM head: with a 49k vocabulary the
     full (batch x seq x vocab) fp32 logits of prompts and padding are most of a step's memory.
@@ -46,7 +48,7 @@ def _labelled_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -
         logits = logits[keep.to(logits.device)]
     targets = labels[:, 1:][keep[:, :-1]].to(logits.device)
     rows = keep.nonzero()[:, 0].to(logits.device)
-    return -F.cross_entropy(logits.float(), targets, reduction="none"), rows
+    return -F.cross_entropy(logits.float() / temperature, targets, reduction="none"), rows
 
 
 def sft_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -126,6 +128,8 @@ def label_weight(batch: dict[str, torch.Tensor]) -> int:
     """What the loss is normalised by, known before the forward pass: pairs, else labelled tokens."""
     if "is_chosen" in batch:
         return int(batch["is_chosen"].sum())
+    if "loss_units" in batch:  # an objective that averages per sequence first (GRPO's `grpo` loss type)
+        return int(batch["loss_units"])
     return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
