@@ -202,3 +202,32 @@ def test_grpo_config_mistakes(tmp_path, model_dir):
     with pytest.raises(LmtuneError, match="task grpo reads records with a 'prompt' field"):
         run(load_config(None, _grpo(tmp_path, model_dir, "x", "grpo.reward=lmtune.rewards:length",
                                     f"data.train={tmp_path / 'bad.jsonl'}")))
+
+
+def test_example_configs_load_and_their_data_reads(tokenizer):
+    from lmtune.data.pipeline import load_data
+    from lmtune.data.prompts import load_prompts
+
+    cfg = load_config("examples/grpo.yaml", ["data.cache=false"])
+    assert cfg.task == "grpo" and len(cfg.grpo.reward) == 2
+    train, evals, _ = load_prompts(cfg.data, tokenizer, cfg.train.seed)
+    assert train and evals and all("answer" in r.fields for r in train)
+    cfg = load_config("examples/reward.yaml", ["data.cache=false"])
+    train, evals, stats = load_data(cfg.data, tokenizer, cfg.task, cfg.train.seed)
+    assert cfg.task == "reward" and train and evals and stats.skipped_bad == 0
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_prompt_learning_methods_train_with_grpo_and_reward(tmp_path, model_dir, method):
+    """Generation and scoring go through the method's input hook; the reference is the prompt switched off."""
+    common = [f"method={method}", "method.num_virtual_tokens=4", "train.steps=2"]
+    summary = run(load_config(None, _grpo(tmp_path, model_dir, "g", "grpo.reward=lmtune.rewards:length",
+                                          "grpo.beta=0.1", *common)))
+    assert math.isfinite(summary["loss"])
+    pairs = tmp_path / "p.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": r["prompt"], "chosen": "yes", "rejected": "no"}) + "\n"
+                             for r in PROMPTS))
+    summary = run(load_config(None, [f"model.name={model_dir}", f"data.train={pairs}", f"data.eval={pairs}",
+                                     f"output_dir={tmp_path / 'r'}", "train.device=cpu", "data.cache=false",
+                                     "task=reward", *common]))
+    assert 0.0 <= summary["eval_accuracy"] <= 1.0 and math.isfinite(summary["eval_loss"])

@@ -68,14 +68,17 @@ class Rewards:
 
     def __call__(self, prompts: list, completions: list[str], fields: dict[str, list]) -> torch.Tensor:
         n, total = len(completions), torch.zeros(len(completions))
+        self.parts: dict[str, list[float]] = {}  # each reward's values, for the evaluation's breakdown
         for spec, fn in self.functions:
             try:
                 values = fn(prompts=prompts, completions=completions, **fields)
             except Exception as err:  # noqa: BLE001 - user code; one line that names it
                 raise LmtuneError(f"reward function {spec} raised {type(err).__name__}: {err}") from None
-            total += torch.tensor(_checked(spec, values, n))
+            self.parts[spec.rpartition(":")[2]] = _checked(spec, values, n)
         if self.model_dir is not None:
-            total += torch.tensor(self._score(prompts, completions))
+            self.parts["reward_model"] = self._score(prompts, completions)
+        for values in self.parts.values():
+            total += torch.tensor(values)
         return total
 
     def _score(self, prompts: list, completions: list[str]) -> list[float]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from collections.abc import Iterator
 
 import torch
@@ -147,15 +148,23 @@ class GreedyEval:
         return math.ceil(len(self.prompts) / self.batch_size)
 
     def score(self, model: nn.Module) -> dict[str, float]:
-        rewards, lengths = [], []
+        """eval_reward (mean), its std, each reward's mean when there are several, completion length, seconds."""
+        started, rewards, lengths, parts = time.perf_counter(), [], [], {}
         for start in range(0, len(self.prompts), self.batch_size):
             rows = self.prompts[start:start + self.batch_size]
             completions = sample(model, self.tokenizer, rows, self.cfg, greedy=True)
             rewards += score(rows, completions, self.tokenizer, self.rewards).tolist()
             lengths += [len(c) for c in completions]
+            for name, values in self.rewards.parts.items():
+                parts.setdefault(name, []).extend(values)
         values = torch.tensor(rewards)
-        return {"eval_reward": float(values.mean()), "eval_reward_std": float(values.std()) if len(rewards) > 1
-                else 0.0, "eval_completion_length": sum(lengths) / len(lengths)}
+        row = {"eval_reward": float(values.mean()), "eval_reward_std": float(values.std()) if len(rewards) > 1
+               else 0.0}
+        if len(parts) > 1:
+            row.update({f"eval_reward/{name}": sum(v) / len(v) for name, v in parts.items()})
+        row["eval_completion_length"] = sum(lengths) / len(lengths)
+        row["eval_seconds"] = time.perf_counter() - started
+        return row
 
 
 def rollout_loaders(cfg, policy: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: DataLoader,
