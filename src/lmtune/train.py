@@ -31,9 +31,9 @@ from lmtune.models import load_model
 from lmtune.objectives import OBJECTIVES, dpo_loss, label_weight, real_tokens, sequence_logps, simpo_loss
 from lmtune.plots import plot_loss
 from lmtune.quantize import check_method
+from lmtune.resume import Start, check_finite, check_lengths, prepare, restore, resume_point, save_if_due
 from lmtune.rl.grpo import grpo_loss
 from lmtune.rl.reward_model import attach_head, reward_loss
-from lmtune.resume import Start, check_finite, check_lengths, prepare, restore, resume_point, save_if_due
 from lmtune.runlock import RunLock, run_lock
 from lmtune.tuned import TunedModel, apply, enable_gradient_checkpointing
 

@@ -24,7 +24,7 @@ HEAD_FILE = "reward_head.safetensors"
 def attach_head(tuned: nn.Module) -> nn.Linear:
     """Give `tuned` a trainable nn.Linear(hidden, 1) as `tuned.reward_head` (fp32, on the model's device)."""
     config = tuned.model.config
-    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
+    hidden = getattr(config, "hidden_size", None) or config.n_embd
     head = nn.Linear(hidden, 1)
     with torch.no_grad():  # HF's sequence-classification head init: small normal weights
         head.weight.normal_(std=getattr(config, "initializer_range", 0.02))
