@@ -216,6 +216,9 @@ def _run(cfg: RunConfig, lock: RunLock) -> dict:
     m, t = cfg.model, cfg.train
     check_method(cfg.method.name, get_method(cfg.method.name).saves_whole_model, m.quantization)
     accelerator = _accelerator(t)
+    if cfg.task in ("reward", "grpo") and accelerator.num_processes > 1:
+        # The reward head is read outside the distributed wrapper's forward, and rollouts are not sharded.
+        raise LmtuneError(f"task {cfg.task} runs on one process for now; launch it without torchrun / accelerate")
     if not accelerator.is_main_process:
         log.setLevel(logging.WARNING)  # one copy of the progress log, from rank 0
     model, tokenizer = load_model(m.name, _weights_dtype(cfg), m.trust_remote_code, quantization=m.quantization,
