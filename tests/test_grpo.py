@@ -231,3 +231,11 @@ def test_prompt_learning_methods_train_with_grpo_and_reward(tmp_path, model_dir,
                                      f"output_dir={tmp_path / 'r'}", "train.device=cpu", "data.cache=false",
                                      "task=reward", *common]))
     assert 0.0 <= summary["eval_accuracy"] <= 1.0 and math.isfinite(summary["eval_loss"])
+
+
+def test_data_preview_shows_grpo_prompts_as_the_model_continues_them(tmp_path, model_dir, capsys):
+    args = _grpo(tmp_path, model_dir, "p")
+    assert main(["data", "preview", *[a for a in args if a.startswith(("data.", "model.", "task"))], "-n", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "4 prompts" in out and '"answer": "4"' in out
+    assert "<|im_start|>user\nWhat is two plus two?<|im_end|>\n<|im_start|>assistant\n" in out

@@ -35,6 +35,10 @@ def marked(example: Example, tokenizer: PreTrainedTokenizerBase) -> str:
 
 
 def preview(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, count: int = 3) -> str:
+    if cfg.task == "grpo":
+        from lmtune.data.prompts import preview_prompts
+
+        return preview_prompts(cfg.data, tokenizer, count)
     use_chat_template(tokenizer, cfg.data.chat_template)
     lines = [f"task {cfg.task}; text between {OPEN} and {CLOSE} is trained on"]
     sources = [("train", s) for s in cfg.data.train] + [("eval", s) for s in cfg.data.eval or ()]

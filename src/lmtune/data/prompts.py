@@ -4,6 +4,7 @@ through the chat template with the assistant's turn opened, or as plain text."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,3 +88,18 @@ def load_prompts(d: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -
 def collate_prompts(rows: list[PromptRow]) -> list[PromptRow]:
     """Prompts stay rows: the rollout pads them (on the left, for generation) once it samples."""
     return list(rows)
+
+
+def preview_prompts(d: DataConfig, tokenizer: PreTrainedTokenizerBase, count: int = 3) -> str:
+    """`lmtune data preview` for task grpo: each source's prompts as the model will continue them."""
+    use_chat_template(tokenizer, d.chat_template)
+    lines = ["task grpo; prompts as the model continues them (completions are sampled, then rewarded)"]
+    sources = [("train", s) for s in d.train] + [("eval", s) for s in d.eval or ()]
+    for role, source in sources:
+        rows, stats = read_prompts(source.path, tokenizer, d)
+        lines.append(f"\n{role} {source.path} (weight {source.weight:g}): {stats.examples} prompts, "
+                     f"{stats.tokens} tokens, {stats.skipped_bad} bad records skipped")
+        for i, row in enumerate(rows[:count] if role == "train" else []):
+            lines += [f"--- prompt {i + 1} (reward fields: {json.dumps(row.fields)}) ---",
+                      tokenizer.decode(row.input_ids)]
+    return "\n".join(lines)
