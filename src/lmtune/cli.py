@@ -146,8 +146,9 @@ def _merge(args: argparse.Namespace) -> None:
     print(f"merged model written to {args.out}")
 
 
-COMMANDS = {"train": _train, "estimate": _estimate, "generate": _generate, "chat": _chat, "merge": _merge, "reward": _reward,
+COMMANDS = {"train": _train, "estimate": _estimate, "generate": _generate, "chat": _chat, "merge": _merge,
             "data": _data}
+COMMANDS["reward"] = _reward
 
 
 def _quiet_libraries() -> None:
