@@ -239,3 +239,31 @@ def test_data_preview_shows_grpo_prompts_as_the_model_continues_them(tmp_path, m
     out = capsys.readouterr().out
     assert "4 prompts" in out and '"answer": "4"' in out
     assert "<|im_start|>user\nWhat is two plus two?<|im_end|>\n<|im_start|>assistant\n" in out
+
+
+def test_a_trained_reward_model_scores_the_completions(tmp_path, model_dir):
+    from lmtune.checkpoint import load
+    from lmtune.rl.reward_model import score_texts
+
+    pairs = tmp_path / "p.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": r["prompt"], "chosen": "yes", "rejected": "no"}) + "\n"
+                             for r in PROMPTS))
+    run(load_config(None, [f"model.name={model_dir}", f"data.train={pairs}", f"output_dir={tmp_path / 'rm'}",
+                           "train.device=cpu", "data.cache=false", "task=reward", "train.steps=2"]))
+    with pytest.raises(LmtuneError, match="holds no reward model"):
+        run(load_config(None, _grpo(tmp_path, model_dir, "g0", f"grpo.reward_model={tmp_path}")))
+    run(load_config(None, _grpo(tmp_path, model_dir, "g", f"grpo.reward_model={tmp_path / 'rm'}", "train.steps=1",
+                                "grpo.group_size=2", "train.batch_size=1")))
+    step = next(json.loads(line) for line in (tmp_path / "g" / "metrics.jsonl").read_text().splitlines())
+    assert math.isfinite(step["reward"]) and step["reward"] != 0.0
+    # Rewards sum: each function's value plus the reward model's score of the same (prompt, completion).
+    from lmtune.config import GrpoConfig
+    from lmtune.rl.reward_fns import Rewards
+
+    rm, tokenizer = load(tmp_path / "rm")
+    prompts, completions = ["Hello there", "Name three colors."], ["red", "It is four, I think."]
+    total = Rewards(GrpoConfig(reward=["lmtune.rewards:length"], reward_model=str(tmp_path / "rm")))(
+        prompts, completions, {})
+    expected = [a + b for a, b in zip(rewards.length(completions), score_texts(rm, tokenizer, prompts, completions),
+                                      strict=True)]
+    assert total.tolist() == pytest.approx(expected, abs=1e-5)
