@@ -160,7 +160,8 @@ def test_grpo_trains_from_config_and_raises_its_reward(tmp_path, model_dir, meth
     monkeypatch.syspath_prepend(str(tmp_path))
     # The tiny model's logits are bounded by its small tied embedding: LoRA must reach the LM head to move them.
     lr = ["method.target_modules=[q_proj,v_proj,lm_head]", "train.lr=2e-2"] if method == "lora" else ["train.lr=5e-3"]
-    summary = run(load_config(None, _grpo(tmp_path, model_dir, method, f"method={method}", "grpo.reward=my_rewards:vowels",
+    summary = run(load_config(None, _grpo(tmp_path, model_dir, method, f"method={method}",
+                                          "grpo.reward=my_rewards:vowels",
                                           f"data.eval={tmp_path / 'q.jsonl'}", "train.steps=30", "grpo.beta=0.04",
                                           "train.schedule=constant", "grpo.num_iterations=2", "grpo.group_size=8",
                                           *lr)))

@@ -169,7 +169,7 @@ class PreferenceConfig(Strict):
     gamma: float = 0.5
     """SimPO's target margin between the chosen and rejected rewards."""
     margin: float = 0.0
-    """Task reward: how far the chosen answer's score must beat the rejected one's (-log sigmoid(r_c - r_r - margin))."""
+    """Task reward: how far the chosen score must beat the rejected one (-log sigmoid(r_c - r_r - margin))."""
 
     @field_validator("label_smoothing")
     @classmethod

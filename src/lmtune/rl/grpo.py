@@ -3,7 +3,8 @@ computes it (token-level importance ratio, two-sided clip, k3 KL estimator, `dap
 
 Per completion token t of completion i with advantage A_i:
     ratio = exp(logp_t - old_logp_t)
-    loss_t = -min(ratio * A_i, clip(ratio, 1 - eps, 1 + eps) * A_i) + beta * (exp(ref_t - logp_t) - (ref_t - logp_t) - 1)
+    kl_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1      (k3)
+    loss_t = -min(ratio * A_i, clip(ratio, 1 - eps, 1 + eps) * A_i) + beta * kl_t
 `dapo` sums loss_t over every completion token of the optimizer step and divides by their count (the loop's
 token normalisation); `grpo` averages within each completion, then over completions.
 """
