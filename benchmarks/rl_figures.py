@@ -43,7 +43,7 @@ def grpo(steps: int) -> dict:
     trained = [r for r in rows if "loss" in r]
     in_loop_evals = sum(r["eval_seconds"] for r in evals if r["step"] > 0)  # the loop's clock covers them
     keys = [k for k in evals[0] if k.startswith("eval_reward")] + ["eval_completion_length"]
-    return {"held_out_prompts": 32, "steps": steps, "output_dir": out,
+    return {"held_out_prompts": 16, "steps": steps, "output_dir": out,
             "greedy_eval": {r["step"]: {k.removeprefix("eval_"): round(r[k], 4) for k in keys} for r in evals},
             "train_reward": {r["step"]: round(r["reward"], 3) for r in trained},
             "kl_last": round(trained[-1].get("kl", 0.0), 4),

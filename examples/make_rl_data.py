@@ -33,7 +33,7 @@ def questions(rng: random.Random, count: int, seen: set) -> list[dict]:
 def main() -> None:
     OUT.mkdir(exist_ok=True)
     rng, seen = random.Random(11), set()
-    for name, count in (("arithmetic.jsonl", 256), ("arithmetic_eval.jsonl", 32)):
+    for name, count in (("arithmetic.jsonl", 256), ("arithmetic_eval.jsonl", 16)):
         (OUT / name).write_text("".join(json.dumps(r) + "\n" for r in questions(rng, count, seen)))
 
 
