@@ -24,6 +24,7 @@ from lmtune import quantize
 from lmtune.errors import LmtuneError
 from lmtune.methods import get_method, method_for_peft_type, parse_method_config
 from lmtune.models import DEFAULT_MODEL, cache_dir, load_tokenizer, load_weights
+from lmtune.rl.reward_model import load_head, save_head
 from lmtune.runlock import storage_problem
 from lmtune.tuned import TunedModel
 
@@ -95,6 +96,7 @@ def save(tuned: TunedModel, directory: str | Path, tokenizer: PreTrainedTokenize
             (tmp / ADAPTER_CONFIG).write_text(json.dumps(_peft_config(tuned), indent=2, sort_keys=True))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        save_head(tuned, tmp)
         (tmp / RUN_INFO).write_text(json.dumps(info, indent=2))
 
 
@@ -132,11 +134,14 @@ def load(directory: str | Path, base: str | None = None,
     if spec.saves_whole_model:
         model = load_weights(str(d), dtype=dtype)
         spec.apply(model, config)
-        return TunedModel(model, spec, config, base_name=base), tokenizer
+        tuned = TunedModel(model, spec, config, base_name=base)
+        load_head(tuned, d)
+        return tuned, tokenizer
     model = load_weights(base, dtype=dtype, **quantization)
     tuned = TunedModel(model, spec, config, base_name=base)
     spec.apply(model, config)
     load_adapter_weights(tuned, d / ADAPTER_WEIGHTS)
+    load_head(tuned, d)
     return tuned, tokenizer
 
 

@@ -53,6 +53,12 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
     pv.add_argument("-n", "--examples", type=int, default=3, help="examples shown per training source (default 3)")
     _eval_parser(sub)
     _compare_parser(sub)
+    r = sub.add_parser("reward", help="score a response with a reward model",
+                       description="Print the score a reward model (a run of task: reward) gives a response to a "
+                       "prompt. Example: lmtune reward runs/reward --prompt 'Is 4 even?' --response 'Yes.'")
+    r.add_argument("run_dir", help="a run directory from lmtune train with task: reward")
+    r.add_argument("--prompt", required=True, help="the user message (rendered as in training)")
+    r.add_argument("--response", required=True, help="the answer to score")
     m = sub.add_parser("merge", help="fold LoRA / IA3 into the base weights", description="Merge a run into its base "
                        "weights and save a plain transformers model directory.")
     m.add_argument("run_dir")
@@ -207,6 +213,12 @@ def _compare(args: argparse.Namespace) -> None:
     print(f"report written to {os.path.join(args.out, 'report.md')}")
 
 
+def _reward(args: argparse.Namespace) -> None:
+    from lmtune.rl.reward_model import score_run
+
+    print(f"{score_run(args.run_dir, args.prompt, args.response):.4f}")
+
+
 def _merge(args: argparse.Namespace) -> None:
     from lmtune.checkpoint import merge_to
 
@@ -223,7 +235,7 @@ def _studio(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"train": _train, "estimate": _estimate, "generate": _generate, "chat": _chat, "merge": _merge,
-            "data": _data, "eval": _eval, "compare": _compare, "studio": _studio}
+            "data": _data, "eval": _eval, "compare": _compare, "studio": _studio, "reward": _reward}
 
 
 def _quiet_libraries() -> None:

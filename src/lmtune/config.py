@@ -112,7 +112,8 @@ class TrainConfig(Strict):
     epochs: float = 1.0
     """Passes over the training data when `steps` is empty."""
     batch_size: int = 4
-    """Examples per micro-batch (pairs for dpo / simpo; rows of data.max_length with data.packing)."""
+    """Examples per micro-batch (pairs for dpo / simpo / reward; prompts for grpo, each sampled grpo.group_size
+    times; rows of data.max_length with data.packing)."""
     grad_accum: int = 1
     """Micro-batches per optimizer step; the loss is normalised by the step's label tokens."""
     lr: float = 2e-4
@@ -169,6 +170,8 @@ class PreferenceConfig(Strict):
     """Probability that a pair's preference is flipped (conservative DPO); 0 trusts every label."""
     gamma: float = 0.5
     """SimPO's target margin between the chosen and rejected rewards."""
+    margin: float = 0.0
+    """Task reward: how far the chosen score must beat the rejected one (-log sigmoid(r_c - r_r - margin))."""
 
     @field_validator("label_smoothing")
     @classmethod
@@ -181,6 +184,63 @@ class PreferenceConfig(Strict):
         return self.beta if self.beta is not None else {"dpo": 0.1, "simpo": 2.0}.get(task, 0.1)
 
 
+class GrpoConfig(Strict):
+    """GRPO (Shao et al. 2024): per prompt, a group of sampled completions, scored, advantages normalised in
+    the group, a clipped policy ratio and a KL penalty to the reference (the base model)."""
+
+    group_size: int = 4
+    """Completions sampled per prompt; their rewards are normalised within the group (at least 2)."""
+    temperature: float = 1.0
+    """Sampling temperature of the completions (log-probabilities are taken at the same temperature)."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
+    max_new_tokens: int = 64
+    """Longest completion, in tokens."""
+    beta: float = 0.04
+    """Weight of the per-token KL penalty to the reference (k3 estimator); 0 drops the reference pass."""
+    epsilon: float = 0.2
+    """Clip range of the policy ratio: [1 - epsilon, 1 + epsilon]."""
+    num_iterations: int = 1
+    """Optimizer steps taken on each batch of completions (mu); above 1 the ratio to the sampling policy is clipped."""
+    loss_type: Literal["dapo", "grpo"] = "dapo"
+    """How token losses are averaged: `dapo` over every completion token of the step (TRL's default), `grpo`
+    per completion first, then over completions."""
+    scale_rewards: bool = True
+    """Divide the advantages by the group's standard deviation (false: Dr. GRPO's unscaled advantages)."""
+    reward: list[str] = []
+    """Reward functions as `module:function` (e.g. lmtune.rewards:answer_format), summed. Each is called with
+    prompts=, completions= (lists of strings) and every other field of the data rows (lists), and returns one
+    float per completion."""
+    reward_model: str | None = None
+    """A run directory from `task: reward` whose score is (added to) the reward."""
+
+    @field_validator("reward", mode="before")
+    @classmethod
+    def _reward_list(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v: int) -> int:
+        if v < 2:
+            raise ValueError("must be at least 2 (advantages compare completions of the same prompt)")
+        return v
+
+    @field_validator("max_new_tokens", "num_iterations")
+    @classmethod
+    def _at_least_one(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be >= 1")
+        return v
+
+    @field_validator("temperature", "top_p")
+    @classmethod
+    def _positive(cls, v: float) -> float:
+        if not v > 0:
+            raise ValueError("must be > 0")
+        return v
+
+
 class RunConfig(Strict):
     data: DataConfig
     """Where the examples come from and how they are tokenised."""
@@ -188,12 +248,16 @@ class RunConfig(Strict):
     """The base model."""
     method: Any = Field("lora", validate_default=True)  # the default must become a config object too
     """Fine-tuning method: its name, or a mapping with `name` and the method's options (listed below)."""
-    task: Literal["sft", "pretrain", "dpo", "simpo"] = "sft"
+    task: Literal["sft", "pretrain", "dpo", "simpo", "reward", "grpo"] = "sft"
     """Objective: `sft` (loss on completions / assistant turns), `pretrain` (text concatenated and cut into
     blocks of data.max_length; eval reports perplexity), `dpo` (preferences against the base model as
-    reference), `simpo` (reference-free preferences)."""
+    reference), `simpo` (reference-free preferences), `reward` (a reward model: a scalar head trained on
+    preference pairs, Bradley-Terry loss; eval reports pair accuracy), `grpo` (reinforcement learning from
+    `prompt` records and the rewards in `grpo:`; eval reports the reward of greedy completions)."""
     preference: PreferenceConfig = PreferenceConfig()
-    """Options of the preference tasks (dpo, simpo)."""
+    """Options of the preference tasks (dpo, simpo, reward)."""
+    grpo: GrpoConfig = GrpoConfig()
+    """Options of task grpo."""
     train: TrainConfig = TrainConfig()
     """Optimisation settings."""
     output_dir: str = "runs/latest"

@@ -7,6 +7,7 @@ preference tasks). Metrics are sums over the same weight units; the loop divides
 
 from __future__ import annotations
 
+
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 
@@ -33,8 +34,10 @@ def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | No
     return inputs
 
 
-def _labelled_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p of every labelled token, its row), labelled tokens in row-major order.
+def _labelled_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                       temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p of every labelled token, its row), labelled tokens in row-major order; `temperature` divides
+    the logits (GRPO scores completions under the distribution they were sampled from).
 
     Only positions whose next token carries loss go through the LM head: with a 49k vocabulary the
     full (batch x seq x vocab) fp32 logits of prompts and padding are most of a step's memory.
@@ -42,7 +45,10 @@ def _labelled_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -
     labels = batch["labels"]
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != IGNORE  # position t predicts token t + 1
-    with hidden_states_for_head(model) as head:  # the head's own work is done below, in chunks
+    # The head's own work is done below, in chunks; the chunked head knows no temperature, so GRPO's scaled
+    # log-probs take the plain path.
+    chunked = hidden_states_for_head(model) if temperature == 1.0 else nullcontext()
+    with chunked as head:
         logits = model(**_model_inputs(batch), logits_to_keep=keep).logits
     if head is not None and not head.confirm(logits):  # logits changed after the head: run it the plain way
         head, logits = None, model(**_model_inputs(batch), logits_to_keep=keep).logits
@@ -52,7 +58,7 @@ def _labelled_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -
     rows = keep.nonzero()[:, 0].to(logits.device)
     if head is not None:  # `logits` are the final hidden states
         return head.logps(logits, targets), rows
-    return -F.cross_entropy(logits.float(), targets, reduction="none"), rows
+    return -F.cross_entropy(logits.float() / temperature, targets, reduction="none"), rows
 
 
 def sft_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -132,6 +138,8 @@ def label_weight(batch: dict[str, torch.Tensor]) -> int:
     """What the loss is normalised by, known before the forward pass: pairs, else labelled tokens."""
     if "is_chosen" in batch:
         return int(batch["is_chosen"].sum())
+    if "loss_units" in batch:  # an objective that averages per sequence first (GRPO's `grpo` loss type)
+        return int(batch["loss_units"])
     return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 

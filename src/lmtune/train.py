@@ -39,6 +39,8 @@ from lmtune.monitor import (
 from lmtune.objectives import OBJECTIVES, dpo_loss, label_weight, real_tokens, sequence_logps, simpo_loss
 from lmtune.quantize import check_method
 from lmtune.resume import Start, check_finite, check_lengths, prepare, restore, resume_point, save_if_due
+from lmtune.rl.grpo import grpo_loss
+from lmtune.rl.reward_model import attach_head, reward_loss
 from lmtune.runlock import RunLock, run_lock
 from lmtune.stop import StopFlag, Stopped, stop_on_signal
 from lmtune.tuned import TunedModel, apply, enable_gradient_checkpointing
@@ -61,12 +63,20 @@ def _prepare_output(cfg: RunConfig, out: Path, lock: RunLock) -> None:
     (out / "config.yaml").write_text(dump_config(cfg))
 
 
-PREFERENCE_TASKS = ("dpo", "simpo")
+PREFERENCE_TASKS = ("dpo", "simpo", "reward")
 
 
 def _load_data(cfg: RunConfig, tokenizer) -> tuple[list, list, TokenStats]:
     if cfg.data.packing and cfg.task in PREFERENCE_TASKS:
         raise LmtuneError(f"data.packing applies to sft and pretrain, not to task {cfg.task}; set data.packing=false")
+    if cfg.task == "grpo":
+        from lmtune.data.prompts import load_prompts
+        from lmtune.rl.reward_fns import Rewards
+
+        if cfg.data.packing:
+            raise LmtuneError("data.packing applies to sft and pretrain, not to task grpo; set data.packing=false")
+        Rewards(cfg.grpo)  # a reward that cannot be imported fails here, before anything is written
+        return load_prompts(cfg.data, tokenizer, cfg.train.seed)
     train, evals, stats = load_data(cfg.data, tokenizer, cfg.task, cfg.train.seed)
     if cfg.data.packing:
         train, evals = pack(train, cfg.data.max_length), pack(evals, cfg.data.max_length)
@@ -77,6 +87,10 @@ def _collate_fn(cfg: RunConfig, pad_id: int):
     """Batches of pairs (preference tasks), of packed rows, or of padded examples."""
     if cfg.task in PREFERENCE_TASKS:
         return functools.partial(collate_pairs, pad_id=pad_id)
+    if cfg.task == "grpo":
+        from lmtune.data.prompts import collate_prompts
+
+        return collate_prompts
     return functools.partial(collate_packed if cfg.data.packing else collate, pad_id=pad_id)
 
 
@@ -87,6 +101,12 @@ def _objective(cfg: RunConfig):
     if cfg.task == "simpo":
         return functools.partial(simpo_loss, beta=p.beta_for("simpo"), gamma=p.gamma,
                                  label_smoothing=p.label_smoothing)
+    if cfg.task == "reward":
+        return functools.partial(reward_loss, margin=p.margin)
+    if cfg.task == "grpo":
+        g = cfg.grpo
+        return functools.partial(grpo_loss, epsilon=g.epsilon, beta=g.beta, temperature=g.temperature,
+                                 loss_type=g.loss_type)
     return OBJECTIVES[cfg.task]
 
 
@@ -157,6 +177,8 @@ def evaluate_loss(model: torch.nn.Module, loader: DataLoader, objective, device:
 def _eval_row(cfg: RunConfig, model: torch.nn.Module, loader: DataLoader, objective,
               device: torch.device | str) -> dict[str, float]:
     """`eval_loss` and the task's eval metrics (perplexity for pretrain, rewards and accuracies for preferences)."""
+    if hasattr(loader, "score"):  # an evaluation that scores the model itself (grpo: greedy completions' reward)
+        return loader.score(model)
     result = evaluate(model, loader, objective, device)
     row = {f"eval_{name}": value for name, value in result.items()}
     if cfg.task in ("pretrain", "sft"):
@@ -204,6 +226,9 @@ def _run(cfg: RunConfig, lock: RunLock) -> dict:
     check_method(cfg.method.name, get_method(cfg.method.name).saves_whole_model, m.quantization)
     accelerator = _accelerator(t)
     reset_peak_memory(accelerator.device)
+    if cfg.task in ("reward", "grpo") and accelerator.num_processes > 1:
+        # The reward head is read outside the distributed wrapper's forward, and rollouts are not sharded.
+        raise LmtuneError(f"task {cfg.task} runs on one process for now; launch it without torchrun / accelerate")
     if not accelerator.is_main_process:
         log.setLevel(logging.WARNING)  # one copy of the progress log, from rank 0
     model, tokenizer = load_model(m.name, _weights_dtype(cfg), m.trust_remote_code, quantization=m.quantization,
@@ -214,6 +239,8 @@ def _run(cfg: RunConfig, lock: RunLock) -> dict:
     # Seeded after loading: a first-use conversion of the default model draws random numbers.
     set_seed(cfg.train.seed)
     tuned = apply(model, cfg.method, base_name=cfg.model.name, tokenizer=tokenizer)
+    if cfg.task == "reward":
+        attach_head(tuned)  # trains with whatever the method trains; saved next to its weights
     _check_packing(cfg, tuned)
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(tuned)
@@ -234,6 +261,10 @@ def _run(cfg: RunConfig, lock: RunLock) -> dict:
     loader = DataLoader(train_set, batch_size=t.batch_size, shuffle=True, collate_fn=pad,
                         generator=torch.Generator().manual_seed(t.seed))
     eval_loader = DataLoader(eval_set, batch_size=t.batch_size, collate_fn=pad) if eval_set else None
+    if cfg.task == "grpo":  # micro-batches are sampled completions of the prompt batches; before any restore
+        from lmtune.rl.rollout import rollout_loaders
+
+        loader, eval_loader = rollout_loaders(cfg, tuned.to(accelerator.device), tokenizer, loader, eval_set)
     steps = t.steps or max(1, math.ceil(t.epochs * len(loader) / (t.grad_accum * world)))
     optimizer = torch.optim.AdamW([p for p in tuned.parameters() if p.requires_grad], lr=t.lr,
                                   weight_decay=t.weight_decay)
@@ -284,7 +315,7 @@ def _loop(cfg, model, optimizer, scheduler, loader, eval_loader, steps, accelera
 
     if eval_loader is not None and start.step == 0:
         first = evaluate()
-        summary["eval_loss_start"], summary["eval_start"] = first["eval_loss"], first
+        summary["eval_loss_start"], summary["eval_start"] = first.get("eval_loss"), first
         record({"step": 0, **first})
     batches, model_start = _batches(loader), time.perf_counter()
     start.replay(batches, t.grad_accum)  # a resumed run: the seeded data order up to its step, then its RNG

@@ -44,6 +44,13 @@ class TunedModel(nn.Module):
             loss = total / count.clamp(min=1)
         return CausalLMOutput(loss=loss, logits=logits)
 
+    def last_hidden_state(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The final layer's hidden states of the real tokens (batch x seq x hidden), without the LM head
+        (a scalar head reads them: reward models)."""
+        inputs, prepended = self._prepare({"input_ids": input_ids, "attention_mask": attention_mask})
+        hidden = self.model.base_model(**inputs, use_cache=False).last_hidden_state
+        return hidden[:, prepended:] if prepended and hidden.shape[1] > input_ids.shape[1] else hidden
+
     def _prepare(self, inputs: dict[str, Any]) -> tuple[dict[str, Any], int]:
         """The method's input hook (prompt family), if it has one: inputs -> model kwargs, prepended count."""
         if self.method.prepare_inputs is None:

@@ -105,7 +105,7 @@ def tokenize_records(path: str, tokenizer: PreTrainedTokenizerBase, max_length: 
 def tokenize_one(record: dict, tokenizer: PreTrainedTokenizerBase, opts: RenderOptions, task: str,
                   where: str) -> Example | Pair:
     keys = detect(record, where)
-    if task in ("dpo", "simpo"):
+    if task in ("dpo", "simpo", "reward"):
         if keys != PREFERENCE_KEYS:
             raise LmtuneError(f"{where}: task {task} needs preference records with fields prompt, chosen, "
                               f"rejected (this one has {', '.join(keys)})")

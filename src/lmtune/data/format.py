@@ -184,7 +184,8 @@ def render_pair(r: dict, tok: PreTrainedTokenizerBase, opts: RenderOptions, wher
 
 
 def _preference_needs_task(r: dict, tok: PreTrainedTokenizerBase, opts: RenderOptions, where: str) -> Rendered:
-    raise LmtuneError(f"{where}: a preference record (prompt, chosen, rejected) needs task: dpo or simpo")
+    raise LmtuneError(f"{where}: a preference record (prompt, chosen, rejected) needs task: dpo or simpo, "
+                      "or reward for a reward model")
 
 
 # Detected by keys, in this order.

@@ -35,12 +35,16 @@ def marked(example: Example, tokenizer: PreTrainedTokenizerBase) -> str:
 
 
 def preview(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, count: int = 3) -> str:
+    if cfg.task == "grpo":
+        from lmtune.data.prompts import preview_prompts
+
+        return preview_prompts(cfg.data, tokenizer, count)
     use_chat_template(tokenizer, cfg.data.chat_template)
     lines = [f"task {cfg.task}; text between {OPEN} and {CLOSE} is trained on"]
     sources = [("train", s) for s in cfg.data.train] + [("eval", s) for s in cfg.data.eval or ()]
     for role, source in sources:
         _, stats = read_source(source, cfg.data, tokenizer, cfg.task)
-        unit = "pairs" if cfg.task in ("dpo", "simpo") else "blocks" if cfg.task == "pretrain" else "examples"
+        unit = "pairs" if cfg.task in ("dpo", "simpo", "reward") else "blocks" if cfg.task == "pretrain" else "examples"
         lines.append(f"\n{role} {source.path} (weight {source.weight:g}): {stats.examples} {unit}, "
                      f"{stats.tokens} tokens ({stats.label_tokens} trained on), {stats.truncated} truncated "
                      f"({stats.tokens_cut} tokens cut), {stats.dropped_no_labels} fully masked (dropped), "
