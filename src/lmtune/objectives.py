@@ -7,7 +7,6 @@ preference tasks). Metrics are sums over the same weight units; the loop divides
 
 from __future__ import annotations
 
-
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 
