@@ -111,9 +111,11 @@ def test_schema_holds_every_config_key_and_method():
     schema = forms.schema()
     assert sorted(schema["methods"]) == method_names()
     defs = schema["config"]["$defs"]
-    keys = {f"{section}.{k}" for section, ref in (("model", "ModelConfig"), ("data", "DataConfig"),
-            ("train", "TrainConfig"), ("preference", "PreferenceConfig")) for k in defs[ref]["properties"]}
-    keys |= {k for k in schema["config"]["properties"] if k not in ("model", "data", "train", "preference")}
+    sections = {name: prop["$ref"].split("/")[-1] for name, prop in schema["config"]["properties"].items()
+                if "$ref" in prop and "properties" in defs[prop["$ref"].split("/")[-1]]}
+    assert {"model", "data", "train", "preference", "grpo"} <= set(sections)
+    keys = {f"{section}.{k}" for section, ref in sections.items() for k in defs[ref]["properties"]}
+    keys |= {k for k in schema["config"]["properties"] if k not in sections}
     documented = {line.split()[0] for line in describe_keys().splitlines()
                   if line.startswith("  ") and not line.startswith(("  method", "  (none)"))}
     assert documented <= keys | {"method"}

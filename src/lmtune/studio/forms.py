@@ -44,8 +44,8 @@ def _errors(err: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
 
 def _key_of(message: str) -> str:
     """The config key a one-line LmtuneError names (`'train.lr': ...`, `set data.max_length=...`), or ""."""
-    found = re.search(r"'((?:model|data|train|method|preference|task|output_dir)[\w.]*)'", message) or re.search(
-        r"\b((?:model|data|train|method|preference)\.\w+)=", message)
+    found = re.search(r"'((?:model|data|train|method|preference|grpo|task|output_dir)[\w.]*)'", message) or re.search(
+        r"\b((?:model|data|train|method|preference|grpo)\.\w+)=", message)
     return found.group(1) if found else ""
 
 

@@ -186,7 +186,7 @@ async function buildForm() {
   state.schema = data.config; state.methods = data.methods; state.methodDefault = data.method_default;
   const box = $("#form-fields");
   box.innerHTML = "";
-  const order = ["model", "method", "task", "data", "train", "preference"];
+  const order = ["model", "method", "task", "data", "train", "preference", "grpo"];
   const top = {type: "object", properties: {}, required: state.schema.required};
   const rest = {type: "object", properties: {}};
   for (const [name, prop] of Object.entries(state.schema.properties)) {
