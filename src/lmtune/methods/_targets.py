@@ -88,6 +88,16 @@ DEFAULT_IA3_FEEDFORWARD: dict[str, list[str]] = {
 LINEAR_TYPES = (nn.Linear, Conv1D)
 
 
+def valid_targets(v: str | list[str] | None) -> str | list[str] | None:
+    """A config validator's check of `target_modules`-style values: a string other than "all-linear" is a regex."""
+    if isinstance(v, str) and v != "all-linear":
+        try:
+            re.compile(v)
+        except re.error as err:
+            raise ValueError(f"not a valid regular expression ({err})") from None
+    return v
+
+
 def matches(name: str, targets: str | list[str]) -> bool:
     """PEFT's rule: a regex string must fullmatch the module path; a list entry must equal it or its tail."""
     if isinstance(targets, str):

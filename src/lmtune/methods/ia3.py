@@ -28,6 +28,7 @@ from lmtune.methods._targets import (
     install,
     merge_wrappers,
     resolve_targets,
+    valid_targets,
 )
 
 
@@ -45,12 +46,7 @@ class IA3Config(MethodConfig):
     @field_validator("target_modules", "feedforward_modules")
     @classmethod
     def _valid_regex(cls, v: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(v, str) and v != "all-linear":
-            try:
-                re.compile(v)
-            except re.error as err:
-                raise ValueError(f"not a valid regular expression ({err})") from None
-        return v
+        return valid_targets(v)
 
 
 class IA3Linear(nn.Module):

@@ -10,7 +10,6 @@ Checkpoints are PEFT's: parameter names `<module>.lora_A.weight` / `<module>.lor
 from __future__ import annotations
 
 import math
-import re
 from typing import Literal
 
 import torch
@@ -26,6 +25,7 @@ from lmtune.methods._targets import (
     install,
     merge_wrappers,
     resolve_targets,
+    valid_targets,
 )
 
 
@@ -55,12 +55,7 @@ class LoraConfig(MethodConfig):
     @field_validator("target_modules")
     @classmethod
     def _valid_regex(cls, v: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(v, str) and v != "all-linear":
-            try:
-                re.compile(v)
-            except re.error as err:
-                raise ValueError(f"not a valid regular expression ({err})") from None
-        return v
+        return valid_targets(v)
 
     @field_validator("dropout")
     @classmethod
