@@ -4,6 +4,7 @@ and two-process data parallel training equal to one process with the same global
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -12,13 +13,14 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig
 
 import lmtune
 from lmtune.config import load_config
 from lmtune.errors import LmtuneError
 from lmtune.models import load_weights
 from lmtune.train import run
+from conftest import VOCAB, build_tokenizer
 
 pytest.importorskip("bitsandbytes")
 from bitsandbytes.nn import Linear4bit, Linear8bitLt  # noqa: E402
@@ -26,6 +28,23 @@ from bitsandbytes.nn import Linear4bit, Linear8bitLt  # noqa: E402
 TEXTS = ["The capital of France is Paris.", "What is two plus two? It is four.", "Hello there, how are you today?",
          "I am a small language model made for tests.", "Name three colors: red, green and blue.", "It is four.",
          "red, green and blue", "Paris is the capital."]
+
+
+def tiny_llama_dir(path, head_dim: int) -> str:
+    """A tiny llama 64 wide; `head_dim` 32 gives k/v projections bitsandbytes' 4-bit CPU kernel can tile
+    (outputs a multiple of 32, inputs of 64), 16 gives 16-output k/v projections it cannot."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=64 // head_dim, num_key_value_heads=1, max_position_embeddings=128,
+                         tie_word_embeddings=True)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    build_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def quant_dir(tmp_path_factory) -> str:
+    return tiny_llama_dir(tmp_path_factory.mktemp("tileable-llama"), head_dim=32)
 
 
 def data_file(tmp_path) -> str:
@@ -46,13 +65,13 @@ def ids() -> tuple[torch.Tensor, torch.Tensor]:
     return x, mask
 
 
-def test_qlora_matches_peft_on_the_same_4bit_base(model_dir):
+def test_qlora_matches_peft_on_the_same_4bit_base(quant_dir):
     """Oracle: PEFT's LoRA on bitsandbytes' Linear4bit, same 4-bit weights, same adapter weights."""
     from peft import LoraConfig, get_peft_model
 
-    base = load_weights(model_dir, quantization="4bit", double_quant=True)
-    assert isinstance(base.model.layers[0].self_attn.q_proj, Linear4bit)
-    peft = get_peft_model(load_weights(model_dir, quantization="4bit", double_quant=True),
+    base = load_weights(quant_dir, quantization="4bit", double_quant=True)
+    assert all(isinstance(m, Linear4bit) for n, m in base.named_modules() if n.endswith("_proj"))
+    peft = get_peft_model(load_weights(quant_dir, quantization="4bit", double_quant=True),
                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
                                      init_lora_weights=False))
     ours = lmtune.apply(base, {"name": "lora", "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]})
@@ -68,16 +87,24 @@ def test_qlora_matches_peft_on_the_same_4bit_base(model_dir):
                                    peft(input_ids=x, attention_mask=mask).logits, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("bits, layer", [("4bit", Linear4bit), ("8bit", Linear8bitLt)])
-def test_quantized_lora_trains_saves_reloads_and_generates(tmp_path, model_dir, bits, layer):
-    def losses(name: str, quantization: str) -> list[float]:
-        run(load_config(None, overrides(tmp_path, model_dir, name, f"model.quantization={quantization}",
+# The oracle: the same LoRA run on a float base. 4-bit computes with the dequantized weights exactly (the float
+# base holds those); LLM.int8 also rounds the activations (fp16, int8 rows), so it is held to the original base.
+@pytest.mark.parametrize("bits, layer, oracle, tolerance", [("4bit", Linear4bit, "dequantized", 0.01),
+                                                            ("8bit", Linear8bitLt, "original", 0.05)])
+def test_quantized_lora_trains_saves_reloads_and_generates(tmp_path, quant_dir, bits, layer, oracle, tolerance):
+    def losses(name: str, model: str, quantization: str) -> list[float]:
+        run(load_config(None, overrides(tmp_path, model, name, f"model.quantization={quantization}",
                                         "train.steps=15", "train.lr=3e-2", "method.target_modules=all-linear")))
         return [json.loads(r)["loss"] for r in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
 
-    quantized, full = losses("q", bits), losses("fp32", "none")
+    float_base = quant_dir
+    if oracle == "dequantized":
+        float_base = str(tmp_path / "dequantized")
+        load_weights(quant_dir, quantization=bits).dequantize().save_pretrained(float_base)
+        build_tokenizer().save_pretrained(float_base)
+    quantized, full = losses("q", quant_dir, bits), losses("fp32", float_base, "none")
     assert quantized[-1] < quantized[0] - 0.1  # it learns on top of the quantized weights ...
-    assert max(abs(a - b) for a, b in zip(quantized, full, strict=True)) < 0.05  # ... about as the fp32 base does
+    assert max(abs(a - b) for a, b in zip(quantized, full, strict=True)) < tolerance  # ... as a float base does
     info = json.loads((tmp_path / "q" / "lmtune.json").read_text())
     assert info["base_quantization"]["quantization"] == bits
     tuned, tokenizer = lmtune.load(tmp_path / "q")
@@ -86,8 +113,8 @@ def test_quantized_lora_trains_saves_reloads_and_generates(tmp_path, model_dir, 
     assert out.shape[1] > 1
 
 
-def test_merge_of_a_qlora_run_dequantizes_and_keeps_the_logits(tmp_path, model_dir, caplog):
-    run(load_config(None, overrides(tmp_path, model_dir, "q", "model.quantization=4bit", "train.steps=3")))
+def test_merge_of_a_qlora_run_dequantizes_and_keeps_the_logits(tmp_path, quant_dir, caplog):
+    run(load_config(None, overrides(tmp_path, quant_dir, "q", "model.quantization=4bit", "train.steps=3")))
     tuned, _ = lmtune.load(tmp_path / "q")
     x, mask = ids()
     with torch.no_grad():
@@ -101,6 +128,45 @@ def test_merge_of_a_qlora_run_dequantizes_and_keeps_the_logits(tmp_path, model_d
     assert not getattr(merged.config, "quantization_config", None)
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=x, attention_mask=mask).logits, before, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("head_dim", [32, 16])
+def test_4bit_eval_computes_what_training_computes_on_every_shape(tmp_path, head_dim):
+    """bitsandbytes' fused CPU kernel (no-grad, eval) rounded the block scales to bf16 for good and failed on
+    16-output k/v projections; the oracle is a float model holding exactly the dequantized weights."""
+    path = tiny_llama_dir(tmp_path / f"llama-{head_dim}", head_dim=head_dim)
+    quantized = load_weights(path, quantization="4bit", double_quant=True)
+    assert all(isinstance(m, Linear4bit) for n, m in quantized.named_modules() if n.endswith("_proj"))
+    dequantized = load_weights(path, quantization="4bit", double_quant=True).dequantize()
+    x, mask = ids()
+    with torch.no_grad():
+        expected = dequantized(input_ids=x, attention_mask=mask).logits
+        torch.testing.assert_close(quantized(input_ids=x, attention_mask=mask).logits, expected, atol=0, rtol=0)
+        one = quantized(input_ids=x[:1, :1]).logits  # one token: bitsandbytes' gemv path
+        torch.testing.assert_close(one, dequantized(input_ids=x[:1, :1]).logits, atol=0, rtol=0)
+    quantized.train()  # after an evaluation, training still sees the weights it started from
+    torch.testing.assert_close(quantized(input_ids=x, attention_mask=mask).logits, expected, atol=0, rtol=0)
+
+
+def test_qlora_on_the_default_model_trains_saves_reloads_and_merges(tmp_path):
+    """The real shapes (576 wide, 192-output k/v, 1536 MLP): trains, reloads 4-bit, merges to the same logits."""
+    summary = run(load_config(None, [f"data.train={data_file(tmp_path)}", f"output_dir={tmp_path / 'q'}",
+                                     "train.device=cpu", "model.quantization=4bit", "train.steps=2",
+                                     "train.batch_size=2", "train.lr=1e-3", "train.warmup_steps=0",
+                                     "data.max_length=24", "method.target_modules=all-linear"]))
+    assert summary["steps"] == 2 and math.isfinite(summary["loss"])
+    tuned, tokenizer = lmtune.load(tmp_path / "q")
+    projections = [m for n, m in tuned.model.named_modules() if n.endswith("_proj.base_layer")]
+    assert len(projections) == 30 * 7 and all(isinstance(m, Linear4bit) for m in projections)
+    x = tokenizer(["The capital of France is"], return_tensors="pt")
+    with torch.no_grad():
+        before = tuned(**x).logits
+    from lmtune.checkpoint import merge_to
+
+    merge_to(tmp_path / "q", tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**x).logits, before, atol=1e-3, rtol=1e-3)
 
 
 @pytest.mark.parametrize("extra, message", [

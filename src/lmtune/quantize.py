@@ -18,6 +18,11 @@ from lmtune.errors import LmtuneError
 
 log = logging.getLogger("lmtune")
 QUANTIZATIONS = ("none", "8bit", "4bit")
+# bitsandbytes' CPU backend (>= 0.50), on a CPU with AVX512-BF16, looks at import for a faster 4-bit kernel on the
+# Hugging Face hub through the optional `kernels` package, and warns when that package is missing. lmtune installs
+# no `kernels` (no code is fetched at run time) and keeps bitsandbytes off that kernel (`keep_training_layout`):
+# the warning says nothing that applies.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def bnb_config(quantization: str, quant_type: str = "nf4", double_quant: bool = False,
@@ -35,6 +40,21 @@ def bnb_config(quantization: str, quant_type: str = "nf4", double_quant: bool = 
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
                               bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=compute_dtype)
+
+
+def keep_training_layout(model: PreTrainedModel) -> PreTrainedModel:
+    """Keep every 4-bit layer on the dequantize-then-matmul path that training takes, in eval and generation too.
+
+    bitsandbytes 0.50 on an AVX512-BF16 CPU repacks a 4-bit weight, at its first no-grad forward in eval mode,
+    for a fused bf16 kernel: its block scales are rounded to bf16 for good, so evaluation, generation and any
+    training after an evaluation compute with other weights than the run trained on (logits 3e-3 apart on a
+    tiny llama), and a layer whose shape is not a multiple of 32 x 64 fails outright ("shape '[32, 0]' is
+    invalid"). Switched off, the no-grad forward equals the training forward exactly, on every shape.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
 
 
 def is_quantized(model: PreTrainedModel) -> bool:
