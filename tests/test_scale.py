@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+from conftest import VOCAB, build_tokenizer
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -20,7 +21,6 @@ from lmtune.config import load_config
 from lmtune.errors import LmtuneError
 from lmtune.models import load_weights
 from lmtune.train import run
-from conftest import VOCAB, build_tokenizer
 
 pytest.importorskip("bitsandbytes")
 from bitsandbytes.nn import Linear4bit, Linear8bitLt  # noqa: E402
