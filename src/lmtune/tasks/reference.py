@@ -50,6 +50,30 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(_unwrapped(model)).eval().requires_grad_(False)
 
 
+HELD = "_reference_copy"
+
+
+def hold_copy_if_needed(model: nn.Module) -> None:
+    """For a loss that scores changing data against the reference: keep a frozen copy on the model when the method
+    cannot be switched off (not a submodule: it is neither trained, saved nor checkpointed)."""
+    if kind(model, cacheable=False) == "copy":
+        _unwrapped(model).__dict__[HELD] = frozen_copy(model)
+
+
+@contextmanager
+def reference_model(model: nn.Module) -> Iterator[nn.Module]:
+    """The model to score the reference with: the held copy (moved to the policy's device), else the policy itself
+    with its method switched off; without gradients either way."""
+    held = _unwrapped(model).__dict__.get(HELD)
+    if held is None:
+        with switched_off(model):
+            yield model
+        return
+    device = next(_unwrapped(model).parameters()).device
+    with torch.no_grad():
+        yield held.to(device)
+
+
 @torch.no_grad()
 def cache_pair_logps(model: nn.Module, pairs: list, collate_fn: Callable[[list], dict[str, torch.Tensor]],
                      batch_size: int, device: Any,
