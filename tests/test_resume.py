@@ -3,6 +3,7 @@ checkpoints are atomic, pruned, pickle-free and hold every trainable parameter; 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -17,11 +18,13 @@ import torch
 from safetensors.torch import load_file
 
 import lmtune.resume
+import lmtune.tasks
 import lmtune.train
 from lmtune.config import load_config
 from lmtune.errors import LmtuneError
 from lmtune.resume import CHECKPOINTS, checkpoints
 from lmtune.runlock import RunLock
+from lmtune.tasks import get_task
 from lmtune.train import run
 
 TEXTS = ["Hi", "The capital of France is Paris.", "What is two plus two? It is four.",
@@ -176,7 +179,8 @@ def test_a_checkpoint_holds_every_trainable_parameter_and_no_pickle(tmp_path, mo
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, model_dir, monkeypatch):
-    objective = lmtune.train.OBJECTIVES["sft"]
+    task = get_task("sft")
+    objective = task.objective(None)
     calls = {"n": 0}
 
     def nan_on_step_3(model, batch):
@@ -185,14 +189,14 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, model_dir, 
         return (loss_sum * float("nan") if calls["n"] > 4 else loss_sum), count, extra  # grad_accum 2
 
     cfg = config(tmp_path, model_dir, "run", *METHODS["lora"], "train.save_every=1", "data.eval_split=0.0")
-    monkeypatch.setitem(lmtune.train.OBJECTIVES, "sft", nan_on_step_3)
+    monkeypatch.setitem(lmtune.tasks._REGISTRY, "sft", dataclasses.replace(task, objective=lambda cfg: nan_on_step_3))
     with pytest.raises(LmtuneError, match=r"the loss became nan at step 3; .*last good checkpoint is .*step-00000002"):
         run(cfg)
     kept = checkpoints(tmp_path / "run")
     assert [p.name for p in kept] == ["step-00000001", "step-00000002"]
     assert all(torch.isfinite(t).all() for t in load_file(kept[-1] / "trainable.safetensors").values())
     assert not (tmp_path / "run" / "lmtune.json").exists()
-    monkeypatch.setitem(lmtune.train.OBJECTIVES, "sft", objective)
+    monkeypatch.setitem(lmtune.tasks._REGISTRY, "sft", task)
     run(cfg)  # fixed: resume=auto continues from step 2
     assert [r["step"] for r in curve(tmp_path / "run")] == list(range(1, 9))
     run(config(tmp_path, model_dir, "straight", *METHODS["lora"], "data.eval_split=0.0"))
@@ -251,7 +255,8 @@ def test_resume_from_a_named_checkpoint(tmp_path, model_dir):
 
 def test_weights_that_became_infinite_are_never_checkpointed(tmp_path, model_dir, monkeypatch):
     """Unclipped infinite gradients with a finite loss: the poisoned step is refused at the checkpoint."""
-    objective = lmtune.train.OBJECTIVES["sft"]
+    task = get_task("sft")
+    objective = task.objective(None)
     calls = {"n": 0}
 
     def infinite_gradients_on_step_2(model, batch):
@@ -261,7 +266,8 @@ def test_weights_that_became_infinite_are_never_checkpointed(tmp_path, model_dir
             param.register_hook(lambda grad: grad * float("inf"))
         return objective(model, batch)
 
-    monkeypatch.setitem(lmtune.train.OBJECTIVES, "sft", infinite_gradients_on_step_2)
+    monkeypatch.setitem(lmtune.tasks._REGISTRY, "sft",
+                        dataclasses.replace(task, objective=lambda cfg: infinite_gradients_on_step_2))
     cfg = config(tmp_path, model_dir, "run", *METHODS["lora"], "train.save_every=1", "train.max_grad_norm=",
                  "data.eval_split=0.0")
     with pytest.raises(LmtuneError, match=r"the weights became NaN or infinite at step 2; the last good "

@@ -214,7 +214,7 @@ def _compare(args: argparse.Namespace) -> None:
 
 
 def _reward(args: argparse.Namespace) -> None:
-    from lmtune.rl.reward_model import score_run
+    from lmtune.tasks.reward import score_run
 
     print(f"{score_run(args.run_dir, args.prompt, args.response):.4f}")
 

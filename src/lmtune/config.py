@@ -6,21 +6,19 @@ prints them. Method options live in each method's own config class (see `methods
 
 from __future__ import annotations
 
-import difflib
 import math
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, field_validator
 
+from lmtune import tasks
 from lmtune.errors import LmtuneError
+from lmtune.methods import get_method, method_names, parse_method_config
+from lmtune.schema import Strict, validate_as
 
-
-class Strict(BaseModel):
-    """Base for every config section: unknown keys are errors, docstrings become help."""
-
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+__all__ = ["RunConfig", "Strict", "dump_config", "load_config", "validate"]
 
 
 class ModelConfig(Strict):
@@ -165,7 +163,8 @@ class TrainConfig(Strict):
 
 class PreferenceConfig(Strict):
     beta: float | None = None
-    """Strength of the preference: the scale of the log-probability margin (default 0.1 for dpo, 2.0 for simpo)."""
+    """Strength of the preference: the scale of the log-probability margin (default 0.1 for dpo, 2.0 for simpo);
+    for orpo the weight of the odds-ratio term (default 0.1), for kto the scale of its rewards (default 0.1)."""
     label_smoothing: float = 0.0
     """Probability that a pair's preference is flipped (conservative DPO); 0 trusts every label."""
     gamma: float = 0.5
@@ -179,9 +178,6 @@ class PreferenceConfig(Strict):
         if not 0.0 <= v < 0.5:
             raise ValueError("must be in [0, 0.5)")
         return v
-
-    def beta_for(self, task: str) -> float:
-        return self.beta if self.beta is not None else {"dpo": 0.1, "simpo": 2.0}.get(task, 0.1)
 
 
 class GrpoConfig(Strict):
@@ -248,14 +244,11 @@ class RunConfig(Strict):
     """The base model."""
     method: Any = Field("lora", validate_default=True)  # the default must become a config object too
     """Fine-tuning method: its name, or a mapping with `name` and the method's options (listed below)."""
-    task: Literal["sft", "pretrain", "dpo", "simpo", "reward", "grpo"] = "sft"
-    """Objective: `sft` (loss on completions / assistant turns), `pretrain` (text concatenated and cut into
-    blocks of data.max_length; eval reports perplexity), `dpo` (preferences against the base model as
-    reference), `simpo` (reference-free preferences), `reward` (a reward model: a scalar head trained on
-    preference pairs, Bradley-Terry loss; eval reports pair accuracy), `grpo` (reinforcement learning from
-    `prompt` records and the rewards in `grpo:`; eval reports the reward of greedy completions)."""
+    task: str = Field("sft", json_schema_extra=lambda schema: schema.update(enum=tasks.task_names()))
+    """Objective, one of the registered tasks: `sft` (loss on completions / assistant turns), `pretrain`,
+    `dpo`, `simpo`, `orpo`, `kto`, `reward`, `grpo` (`lmtune train --help` ends with what each trains on)."""
     preference: PreferenceConfig = PreferenceConfig()
-    """Options of the preference tasks (dpo, simpo, reward)."""
+    """Options of the preference tasks (dpo, simpo, orpo, kto, reward)."""
     grpo: GrpoConfig = GrpoConfig()
     """Options of task grpo."""
     train: TrainConfig = TrainConfig()
@@ -275,47 +268,24 @@ class RunConfig(Strict):
     def _model_shorthand(cls, v: Any) -> Any:
         return {"name": v} if isinstance(v, str) or v is None else v
 
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, v: str) -> str:
+        if v not in tasks.task_names():
+            raise ValueError(f"unknown task; choose one of: {', '.join(tasks.task_names())}")
+        return v
+
     @field_validator("method", mode="before")
     @classmethod
     def _method_config(cls, v: Any) -> Any:
-        from lmtune.methods import parse_method_config
-
         if isinstance(v, dict) and "name" not in v:  # `method.r=16` alone: options of the default method
             v = {"name": cls.model_fields["method"].default, **v}
         return parse_method_config(v)
 
 
-def _format_error(err: ValidationError, cls: type[BaseModel], prefix: str = "") -> str:
-    """Turn pydantic's first error into one line that names the key."""
-    e = err.errors()[0]
-    loc = ".".join(str(p) for p in (*([prefix] if prefix else []), *e["loc"]))
-    if e["type"] == "extra_forbidden":
-        return f"unknown key '{loc}'{_suggest(cls, e['loc'])}"
-    if e["type"] == "missing":
-        return f"missing required key '{loc}'"
-    msg = e["msg"].removeprefix("Value error, ")
-    return f"'{loc}': {msg} (got {e.get('input')!r})"
-
-
-def _suggest(cls: type[BaseModel], loc: tuple) -> str:
-    """Name the closest known key of the section an unknown key was found in."""
-    for part in loc[:-1]:
-        field = cls.model_fields.get(str(part))
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
-            return ""
-        cls = field.annotation
-    known = list(cls.model_fields)
-    close = difflib.get_close_matches(str(loc[-1]), known, n=1)
-    return f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(known)}"
-
-
 def validate(raw: dict[str, Any], prefix: str = "", cls: type[BaseModel] | None = None) -> Any:
     """Validate a mapping against `cls` (default RunConfig), raising LmtuneError with one line."""
-    cls = cls or RunConfig
-    try:
-        return cls.model_validate(raw)
-    except ValidationError as err:
-        raise LmtuneError(f"config: {_format_error(err, cls, prefix)}") from None
+    return validate_as(cls or RunConfig, raw, prefix)
 
 
 NAMED_SECTIONS = ("model", "method")  # sections a YAML may give as just their name: `method: lora`
@@ -374,8 +344,6 @@ def dump_config(cfg: RunConfig) -> str:
 
 def describe_keys() -> str:
     """Every config key with its type, default and docstring: the `lmtune train --help` epilog."""
-    from lmtune.methods import get_method, method_names
-
     lines = ["config keys (YAML, or key=value overrides):"]
 
     def walk(cls: type[BaseModel], prefix: str) -> None:
@@ -391,6 +359,7 @@ def describe_keys() -> str:
 
     walk(RunConfig, "")
     lines.append(f"  method: {' '.join(RunConfig.model_fields['method'].description.split())}")
+    lines += [f" task '{name}' (task={name}): {tasks.get_task(name).summary}" for name in tasks.task_names()]
     for name in method_names():
         lines.append(f" method '{name}' options (method.name={name}):")
         before = len(lines)

@@ -1,4 +1,4 @@
-"""Training objectives: pure functions of a model and a batch, one per task, in a table.
+"""Training objectives: pure functions of a model and a batch (the tasks in `tasks/` bind their options).
 
 Each returns (summed loss, weight, metrics). The loop divides the sum of a whole optimizer step
 by the step's total weight, so gradient accumulation is normalised by token count (pairs for the
@@ -7,14 +7,14 @@ preference tasks). Metrics are sums over the same weight units; the loop divides
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 
 from lmtune.data.format import IGNORE
 from lmtune.head import hidden_states_for_head
+from lmtune.tasks import reference
 
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,14 +75,6 @@ def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tu
     return sums, counts
 
 
-@contextmanager
-def reference(model: torch.nn.Module) -> Iterator[None]:
-    """The DPO reference: the same model with its method switched off, without gradients."""
-    tuned = getattr(model, "module", model)  # unwrap a distributed wrapper
-    with torch.no_grad(), tuned.disabled() if hasattr(tuned, "disabled") else nullcontext():
-        yield
-
-
 def _preference_terms(logits: torch.Tensor, beta: float, smoothing: float) -> torch.Tensor:
     """-log sigmoid(beta * logits), with the label flipped with probability `smoothing` (conservative DPO)."""
     return -(1 - smoothing) * F.logsigmoid(beta * logits) - smoothing * F.logsigmoid(-beta * logits)
@@ -108,7 +100,7 @@ def dpo_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], beta: float
     if "ref_logps" in batch:
         ref = batch["ref_logps"].to(policy.device)
     else:
-        with reference(model):
+        with reference.switched_off(model):
             ref = sequence_logps(model, batch)[0]
     chosen_logp, rejected_logp = policy.chunk(2)
     ref_chosen, ref_rejected = ref.chunk(2)
@@ -145,6 +137,3 @@ def label_weight(batch: dict[str, torch.Tensor]) -> int:
 def real_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Tokens in the batch that are not padding."""
     return int(batch["token_mask" if "token_mask" in batch else "attention_mask"].sum())
-
-
-OBJECTIVES: dict[str, Callable] = {"sft": sft_loss, "pretrain": sft_loss, "dpo": dpo_loss, "simpo": simpo_loss}

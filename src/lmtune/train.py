@@ -1,4 +1,6 @@
-"""One training loop for every method and objective: config -> model -> method -> data -> steps -> result."""
+"""One training loop for every method and task: config -> model -> method -> data -> steps -> result.
+
+It gets a method (`methods.get_method`) and a task (`tasks.get_task`) and names neither."""
 
 from __future__ import annotations
 
@@ -36,13 +38,12 @@ from lmtune.monitor import (
     write_plots,
     write_summary,
 )
-from lmtune.objectives import OBJECTIVES, dpo_loss, label_weight, real_tokens, sequence_logps, simpo_loss
+from lmtune.objectives import label_weight, real_tokens, sequence_logps
 from lmtune.quantize import check_method
 from lmtune.resume import Start, check_finite, check_lengths, prepare, restore, resume_point, save_if_due
-from lmtune.rl.grpo import grpo_loss
-from lmtune.rl.reward_model import attach_head, reward_loss
 from lmtune.runlock import RunLock, run_lock
 from lmtune.stop import StopFlag, Stopped, stop_on_signal
+from lmtune.tasks import Task, evaluate, get_task, reference
 from lmtune.tuned import TunedModel, apply, enable_gradient_checkpointing
 
 log = logging.getLogger("lmtune")
@@ -63,75 +64,30 @@ def _prepare_output(cfg: RunConfig, out: Path, lock: RunLock) -> None:
     (out / "config.yaml").write_text(dump_config(cfg))
 
 
-PREFERENCE_TASKS = ("dpo", "simpo", "reward")
-
-
-def _load_data(cfg: RunConfig, tokenizer) -> tuple[list, list, TokenStats]:
-    if cfg.data.packing and cfg.task in PREFERENCE_TASKS:
-        raise LmtuneError(f"data.packing applies to sft and pretrain, not to task {cfg.task}; set data.packing=false")
-    if cfg.task == "grpo":
-        from lmtune.data.prompts import load_prompts
-        from lmtune.rl.reward_fns import Rewards
-
-        if cfg.data.packing:
-            raise LmtuneError("data.packing applies to sft and pretrain, not to task grpo; set data.packing=false")
-        Rewards(cfg.grpo)  # a reward that cannot be imported fails here, before anything is written
-        return load_prompts(cfg.data, tokenizer, cfg.train.seed)
-    train, evals, stats = load_data(cfg.data, tokenizer, cfg.task, cfg.train.seed)
+def _load_data(cfg: RunConfig, task: Task, tokenizer) -> tuple[list, list, TokenStats]:
+    if cfg.data.packing and not task.packing:
+        raise LmtuneError(f"data.packing applies to sft and pretrain, not to task {task.name}; set data.packing=false")
+    if task.load is not None:
+        return task.load(cfg, tokenizer)
+    train, evals, stats = load_data(cfg.data, tokenizer, task.records, cfg.train.seed)
     if cfg.data.packing:
         train, evals = pack(train, cfg.data.max_length), pack(evals, cfg.data.max_length)
     return train, evals, stats
 
 
-def _collate_fn(cfg: RunConfig, pad_id: int):
-    """Batches of pairs (preference tasks), of packed rows, or of padded examples."""
-    if cfg.task in PREFERENCE_TASKS:
+def _collate_fn(cfg: RunConfig, task: Task, pad_id: int):
+    """The task's own batches, else pairs, packed rows, or padded examples."""
+    if task.collate is not None:
+        return task.collate(cfg, pad_id)
+    if task.records == "pairs":
         return functools.partial(collate_pairs, pad_id=pad_id)
-    if cfg.task == "grpo":
-        from lmtune.data.prompts import collate_prompts
-
-        return collate_prompts
     return functools.partial(collate_packed if cfg.data.packing else collate, pad_id=pad_id)
-
-
-def _objective(cfg: RunConfig):
-    p = cfg.preference
-    if cfg.task == "dpo":
-        return functools.partial(dpo_loss, beta=p.beta_for("dpo"), label_smoothing=p.label_smoothing)
-    if cfg.task == "simpo":
-        return functools.partial(simpo_loss, beta=p.beta_for("simpo"), gamma=p.gamma,
-                                 label_smoothing=p.label_smoothing)
-    if cfg.task == "reward":
-        return functools.partial(reward_loss, margin=p.margin)
-    if cfg.task == "grpo":
-        g = cfg.grpo
-        return functools.partial(grpo_loss, epsilon=g.epsilon, beta=g.beta, temperature=g.temperature,
-                                 loss_type=g.loss_type)
-    return OBJECTIVES[cfg.task]
 
 
 def _check_packing(cfg: RunConfig, tuned: TunedModel) -> None:
     if cfg.data.packing and not packing_works(tuned):
         raise LmtuneError(f"data.packing: this model ({type(tuned.model).__name__}) attends across packed examples "
                           "(it does not read restarting position ids as separate sequences); set data.packing=false")
-
-
-def can_switch_off(tuned: TunedModel) -> bool:
-    return any(hasattr(m, "disabled") for m in tuned.model.modules())
-
-
-@torch.no_grad()
-def attach_reference_logps(model: torch.nn.Module, pairs: list, collate_fn, batch_size: int, device) -> None:
-    """DPO with a method that changes the base weights: the reference log-probs of every pair, computed once
-    by the untrained model, travel with the pairs (no second model in memory)."""
-    model.eval()
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
-        batch = {k: v.to(device) for k, v in collate_fn(chunk).items()}
-        chosen, rejected = sequence_logps(model, batch)[0].chunk(2)
-        for pair, c, r in zip(chunk, chosen.tolist(), rejected.tolist(), strict=True):
-            pair.ref_logps = (c, r)
-    model.train()
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
@@ -154,36 +110,9 @@ def _batches(loader: DataLoader) -> Iterator[dict[str, torch.Tensor]]:
         yield from loader
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: DataLoader, objective,
-             device: torch.device | str = "cpu") -> dict[str, float]:
-    """Mean loss and metrics per unit of weight (label token, or pair) over the whole loader."""
-    model.eval()
-    total, weight, sums = 0.0, 0, {}
-    for batch in loader:
-        loss_sum, count, metrics = objective(model, {k: v.to(device) for k, v in batch.items()})
-        total, weight = total + float(loss_sum), weight + int(count)
-        for name, value in metrics.items():
-            sums[name] = sums.get(name, 0.0) + value
-    model.train()
-    return {"loss": total / max(weight, 1), **{name: v / max(weight, 1) for name, v in sums.items()}}
-
-
 def evaluate_loss(model: torch.nn.Module, loader: DataLoader, objective, device: torch.device | str = "cpu") -> float:
     """Mean loss per unit of weight (per label token for SFT) over the whole loader."""
     return evaluate(model, loader, objective, device)["loss"]
-
-
-def _eval_row(cfg: RunConfig, model: torch.nn.Module, loader: DataLoader, objective,
-              device: torch.device | str) -> dict[str, float]:
-    """`eval_loss` and the task's eval metrics (perplexity for pretrain, rewards and accuracies for preferences)."""
-    if hasattr(loader, "score"):  # an evaluation that scores the model itself (grpo: greedy completions' reward)
-        return loader.score(model)
-    result = evaluate(model, loader, objective, device)
-    row = {f"eval_{name}": value for name, value in result.items()}
-    if cfg.task in ("pretrain", "sft"):
-        row["eval_perplexity"] = math.exp(min(result["loss"], 50.0))
-    return row
 
 
 def _weights_dtype(cfg: RunConfig) -> str:
@@ -226,21 +155,22 @@ def _run(cfg: RunConfig, lock: RunLock) -> dict:
     check_method(cfg.method.name, get_method(cfg.method.name).saves_whole_model, m.quantization)
     accelerator = _accelerator(t)
     reset_peak_memory(accelerator.device)
-    if cfg.task in ("reward", "grpo") and accelerator.num_processes > 1:
+    task = get_task(cfg.task)
+    if task.one_process and accelerator.num_processes > 1:
         # The reward head is read outside the distributed wrapper's forward, and rollouts are not sharded.
-        raise LmtuneError(f"task {cfg.task} runs on one process for now; launch it without torchrun / accelerate")
+        raise LmtuneError(f"task {task.name} runs on one process for now; launch it without torchrun / accelerate")
     if not accelerator.is_main_process:
         log.setLevel(logging.WARNING)  # one copy of the progress log, from rank 0
     model, tokenizer = load_model(m.name, _weights_dtype(cfg), m.trust_remote_code, quantization=m.quantization,
                                   quant_type=m.quant_type, double_quant=m.double_quant)
     # Data before anything is logged or written: a bad record fails as one line and leaves no directory.
-    train_set, eval_set, stats = _load_data(cfg, tokenizer)
+    train_set, eval_set, stats = _load_data(cfg, task, tokenizer)
     check_lengths(train_set + eval_set, model)
     # Seeded after loading: a first-use conversion of the default model draws random numbers.
     set_seed(cfg.train.seed)
     tuned = apply(model, cfg.method, base_name=cfg.model.name, tokenizer=tokenizer)
-    if cfg.task == "reward":
-        attach_head(tuned)  # trains with whatever the method trains; saved next to its weights
+    if task.prepare_model is not None:
+        task.prepare_model(tuned)  # e.g. the reward head: trains with whatever the method trains, saved beside it
     _check_packing(cfg, tuned)
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(tuned)
@@ -257,28 +187,27 @@ def _run(cfg: RunConfig, lock: RunLock) -> dict:
     world = accelerator.num_processes
     log.info("batch: %d examples x %d accumulation x %d processes = %d per optimizer step", t.batch_size,
              t.grad_accum, world, t.batch_size * t.grad_accum * world)
-    pad = _collate_fn(cfg, tokenizer.pad_token_id)
+    pad = _collate_fn(cfg, task, tokenizer.pad_token_id)
     loader = DataLoader(train_set, batch_size=t.batch_size, shuffle=True, collate_fn=pad,
                         generator=torch.Generator().manual_seed(t.seed))
     eval_loader = DataLoader(eval_set, batch_size=t.batch_size, collate_fn=pad) if eval_set else None
-    if cfg.task == "grpo":  # micro-batches are sampled completions of the prompt batches; before any restore
-        from lmtune.rl.rollout import rollout_loaders
-
-        loader, eval_loader = rollout_loaders(cfg, tuned.to(accelerator.device), tokenizer, loader, eval_set)
+    if task.loaders is not None:  # e.g. grpo: micro-batches are sampled completions; before any restore
+        loader, eval_loader = task.loaders(cfg, tuned.to(accelerator.device), tokenizer, loader, eval_set)
     steps = t.steps or max(1, math.ceil(t.epochs * len(loader) / (t.grad_accum * world)))
     optimizer = torch.optim.AdamW([p for p in tuned.parameters() if p.requires_grad], lr=t.lr,
                                   weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, t.warmup_steps, steps, t.schedule))
-    if cfg.task == "dpo" and not can_switch_off(tuned):
+    if task.reference == "sequences" and reference.kind(tuned, cacheable=True) == "cached":
         # Before a checkpoint is restored: the reference is the model as it was before any training.
-        attach_reference_logps(tuned.to(accelerator.device), train_set + eval_set, pad, t.batch_size,
-                               accelerator.device)
+        reference.cache_pair_logps(tuned.to(accelerator.device), train_set + eval_set, pad, t.batch_size,
+                                   accelerator.device, sequence_logps)
     start = restore(source, tuned, optimizer, scheduler)
     # The eval loader stays unsharded: every process scores the whole set, so the figure is exact.
     tuned, optimizer, loader = accelerator.prepare(tuned, optimizer, loader)
     with stop_on_signal() as stop:  # Ctrl-C / SIGTERM: finish the step, save a checkpoint, leave
-        summary = _loop(cfg, tuned, optimizer, scheduler, loader, eval_loader, steps, accelerator, out, start, stop)
+        summary = _loop(cfg, task, tuned, optimizer, scheduler, loader, eval_loader, steps, accelerator, out,
+                        start, stop)
     summary["data"] = asdict(stats)
     summary["effective_batch"] = t.batch_size * t.grad_accum * world
     summary["eval_examples"] = len(eval_set)
@@ -294,10 +223,10 @@ def _run(cfg: RunConfig, lock: RunLock) -> dict:
     return summary
 
 
-def _loop(cfg, model, optimizer, scheduler, loader, eval_loader, steps, accelerator, out: Path,
+def _loop(cfg, task: Task, model, optimizer, scheduler, loader, eval_loader, steps, accelerator, out: Path,
           start: Start, stop: StopFlag | None = None) -> dict:
     """The loop: forward, objective, backward over `grad_accum` micro-batches, clip, step, log, eval, checkpoint."""
-    t, objective = cfg.train, _objective(cfg)
+    t, objective = cfg.train, task.objective(cfg)
     metrics = (out / "metrics.jsonl").open("a") if accelerator.is_main_process else None
     board = TensorBoard(out, t.tensorboard and accelerator.is_main_process)
     summary: dict = {**start.summary, "steps": steps}
@@ -305,7 +234,7 @@ def _loop(cfg, model, optimizer, scheduler, loader, eval_loader, steps, accelera
 
     def evaluate() -> dict[str, float]:
         with accelerator.autocast():  # the unwrapped model is not autocast by accelerate
-            return _eval_row(cfg, unwrapped, eval_loader, objective, accelerator.device)
+            return task.eval_row(unwrapped, eval_loader, objective, accelerator.device)
 
     def record(row: dict) -> None:
         if metrics:

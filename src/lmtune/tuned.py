@@ -14,6 +14,7 @@ from transformers.modeling_outputs import CausalLMOutput
 from lmtune.errors import LmtuneError
 from lmtune.methods import Method, MethodConfig, get_method, parse_method_config
 from lmtune.objectives import token_nll
+from lmtune.saving import save
 
 
 class TunedModel(nn.Module):
@@ -120,8 +121,6 @@ class TunedModel(nn.Module):
         return self.method.merge(self.model)
 
     def save(self, directory: str) -> None:
-        from lmtune.checkpoint import save
-
         save(self, directory)
 
 

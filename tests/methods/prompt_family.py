@@ -76,25 +76,6 @@ def assert_left_padding_is_invisible(arch: str, method: dict) -> None:
         assert_close(real_logits(model, ids, mask)[7:], alone)
 
 
-def assert_greedy_matches_teacher_forcing(arch: str, method: dict, new: int = 6) -> None:
-    """Generated tokens (with the KV cache) are the argmax of the model's own forward over the result."""
-    model = tuned(arch, method)
-    ids, mask = batch("left")
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, min_new_tokens=new,
-                         pad_token_id=0, use_cache=True)
-    assert out.shape == (2, 7 + new)
-    assert torch.equal(out[:, :7], ids)
-    full_mask = torch.cat([mask, torch.ones(2, new, dtype=torch.long)], dim=1)
-    with torch.no_grad():
-        logits = model(input_ids=out, attention_mask=full_mask).logits
-    assert torch.equal(logits[:, 6:-1].argmax(-1), out[:, 7:])
-    # Sampling restricted to the top token is greedy decoding by another path through generate.
-    # Two samples per prompt: generate repeats the rows, and the method's prefix cache must follow.
-    sampled = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=True, top_k=1,
-                             min_new_tokens=new, pad_token_id=0, use_cache=True, num_return_sequences=2)
-    assert torch.equal(sampled, out.repeat_interleave(2, dim=0))
-
-
 def sft_batch() -> dict[str, torch.Tensor]:
     ids, mask = batch()
     labels = ids.masked_fill(mask == 0, -100)

@@ -65,6 +65,10 @@ def _blocks(documents: list[Example], max_length: int) -> list[Example]:
     return [Example(block, list(block)) for block in cut if len(block) > 1]
 
 
+PAIRS = ("pairs", "dpo", "simpo", "reward")
+"""`task` values read as preference pairs: `pairs` (what `tasks/` passes), and the names older callers pass."""
+
+
 def tokenize_records(path: str, tokenizer: PreTrainedTokenizerBase, max_length: int,
                      options: RenderOptions | str = "auto", task: str = "sft",
                      skip_bad: bool = False) -> tuple[list[Example] | list[Pair], TokenStats]:
@@ -105,9 +109,10 @@ def tokenize_records(path: str, tokenizer: PreTrainedTokenizerBase, max_length: 
 def tokenize_one(record: dict, tokenizer: PreTrainedTokenizerBase, opts: RenderOptions, task: str,
                   where: str) -> Example | Pair:
     keys = detect(record, where)
-    if task in ("dpo", "simpo", "reward"):
+    if task in PAIRS:
         if keys != PREFERENCE_KEYS:
-            raise LmtuneError(f"{where}: task {task} needs preference records with fields prompt, chosen, "
+            who = "a preference task" if task == "pairs" else f"task {task}"
+            raise LmtuneError(f"{where}: {who} needs preference records with fields prompt, chosen, "
                               f"rejected (this one has {', '.join(keys)})")
         return Pair(*(Example(*tokenize(r, tokenizer)) for r in render_pair(record, tokenizer, opts, where)))
     if task == "pretrain" and keys != ("text",):

@@ -13,6 +13,7 @@ from lmtune.data import Example, Pair, tokenize_one
 from lmtune.data.format import IGNORE
 from lmtune.data.pipeline import options, read_source, use_chat_template
 from lmtune.data.read import read_records
+from lmtune.tasks import get_task
 
 OPEN, CLOSE = "[[", "]]"
 
@@ -35,16 +36,15 @@ def marked(example: Example, tokenizer: PreTrainedTokenizerBase) -> str:
 
 
 def preview(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, count: int = 3) -> str:
-    if cfg.task == "grpo":
-        from lmtune.data.prompts import preview_prompts
-
-        return preview_prompts(cfg.data, tokenizer, count)
+    task = get_task(cfg.task)
+    if task.preview is not None:
+        return task.preview(cfg, tokenizer, count)
     use_chat_template(tokenizer, cfg.data.chat_template)
     lines = [f"task {cfg.task}; text between {OPEN} and {CLOSE} is trained on"]
     sources = [("train", s) for s in cfg.data.train] + [("eval", s) for s in cfg.data.eval or ()]
     for role, source in sources:
-        _, stats = read_source(source, cfg.data, tokenizer, cfg.task)
-        unit = "pairs" if cfg.task in ("dpo", "simpo", "reward") else "blocks" if cfg.task == "pretrain" else "examples"
+        _, stats = read_source(source, cfg.data, tokenizer, task.records)
+        unit = {"pairs": "pairs", "pretrain": "blocks"}.get(task.records, "examples")
         lines.append(f"\n{role} {source.path} (weight {source.weight:g}): {stats.examples} {unit}, "
                      f"{stats.tokens} tokens ({stats.label_tokens} trained on), {stats.truncated} truncated "
                      f"({stats.tokens_cut} tokens cut), {stats.dropped_no_labels} fully masked (dropped), "
@@ -55,9 +55,9 @@ def preview(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, count: int = 3) 
             continue
         bad: list[str] = []
         for where, record in read_records(source.path, bad)[:count]:
-            task = "sft" if cfg.task == "pretrain" else cfg.task  # one document, before it is cut into blocks
+            records = "sft" if task.records == "pretrain" else task.records  # one document, before its blocks
             try:
-                item = tokenize_one(record, tokenizer, options(cfg.data), task, where)
+                item = tokenize_one(record, tokenizer, options(cfg.data), records, where)
             except Exception as err:  # noqa: BLE001 - a bad record is shown as what it is
                 lines.append(f"--- {where}: {err}")
                 continue

@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from lmtune.errors import LmtuneError
 from lmtune.memory import formulas
 from lmtune.memory.trace import StepTrace, trace_step
+from lmtune.tasks import reference as ref
 
 Precision = Literal["fp32", "bf16", "fp16", "bf16-mixed", "fp16-mixed"]
 PRECISIONS = ("fp32", "bf16", "fp16", "bf16-mixed", "fp16-mixed")
@@ -127,7 +128,8 @@ def estimate(plan: MemoryPlan) -> Estimate:
         tuned.train()
         reference = None
         if plan.task == "dpo":
-            reference = "switch" if any(hasattr(m, "disabled") for m in model.modules()) else "copy"
+            # The estimate keeps the frozen-copy bound where training would cache the reference log-probs.
+            reference = "switch" if ref.kind(model, cacheable=False) == "switch" else "copy"
         step = trace_step(tuned, batch_size=plan.batch_size, seq_len=plan.seq_len, labelled=labelled,
                           optimizer=plan.optimizer, autocast_dtype=_AUTOCAST.get(plan.precision),
                           foreach=plan.device == "cuda", clip=plan.clip_grad, reference=reference,

@@ -9,6 +9,7 @@ import torch
 
 from lmtune.errors import LmtuneError
 from lmtune.memory.core import _MODEL_DTYPE_PRECISION, Estimate, MemoryPlan, estimate
+from lmtune.tasks import get_task
 
 GIB = 2**30
 _OPTIMIZER_STATES = {"adamw": "AdamW m and v", "adamw-8bit": "8-bit AdamW m and v", "sgd": "SGD: none"}
@@ -68,7 +69,7 @@ def plan_from_config(cfg) -> MemoryPlan:
         gradient_checkpointing=bool(getattr(train, "gradient_checkpointing", False)),
         quantization=getattr(model, "quantization", None) or "none",
         packing=bool(getattr(data, "packing", False)),
-        task="dpo" if cfg.task == "dpo" else "sft", device=device,
+        task=get_task(cfg.task).memory_task, device=device,
         devices=int(os.environ.get("WORLD_SIZE", "1")), clip_grad=train.max_grad_norm is not None,
         trust_remote_code=model.trust_remote_code)
 

@@ -16,8 +16,8 @@ from typing import Any
 
 from torch import nn
 
-from lmtune.config import Strict, validate
 from lmtune.errors import LmtuneError
+from lmtune.schema import Strict, validate_as
 
 
 class MethodConfig(Strict):
@@ -101,4 +101,4 @@ def parse_method_config(value: Any) -> MethodConfig:
         value = {"name": value}
     if not isinstance(value, dict) or not isinstance(value.get("name"), str):
         raise LmtuneError("config: 'method' must be a method name or a mapping with a 'name' key")
-    return validate(value, prefix="method", cls=get_method(value["name"]).config)
+    return validate_as(get_method(value["name"]).config, value, prefix="method")

@@ -110,20 +110,3 @@ def score_texts(tuned: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: l
             out += scores(tuned, batch["input_ids"].to(device), batch["attention_mask"].to(device)).tolist()
     tuned.train(was_training)
     return out
-
-
-def score_run(run_dir: str | Path, prompt: str, response: str) -> float:
-    """`lmtune reward`: a saved reward model's score of one response, rendered as its training data was."""
-    import yaml
-
-    from lmtune.checkpoint import load
-
-    d = Path(run_dir)
-    if d.is_dir() and not (d / HEAD_FILE).is_file():
-        raise LmtuneError(f"{d} holds no reward model (no {HEAD_FILE}); train one with task: reward")
-    tuned, tokenizer = load(d)
-    prompt_format = "auto"
-    if (d / "config.yaml").is_file():
-        prompt_format = (yaml.safe_load((d / "config.yaml").read_text()) or {}).get("data", {}).get(
-            "prompt_format", "auto")
-    return score_texts(tuned, tokenizer, [prompt], [response], prompt_format)[0]

@@ -4,7 +4,6 @@ micro-batches (completions as labels, advantages, old / reference log-probs). Th
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Iterator
@@ -18,9 +17,9 @@ from lmtune.config import GrpoConfig
 from lmtune.data import Example, collate
 from lmtune.data.format import IGNORE
 from lmtune.data.prompts import PromptRow
-from lmtune.objectives import reference
 from lmtune.rl.grpo import group_advantages, token_logps
 from lmtune.rl.reward_fns import Rewards
+from lmtune.tasks import reference
 
 
 def _left_padded(rows: list[PromptRow], pad_id: int, device) -> dict[str, torch.Tensor]:
@@ -86,11 +85,10 @@ class Rollouts:
                  rewards: Rewards, grad_accum: int) -> None:
         self.prompts, self.policy, self.tokenizer, self.cfg = prompts, policy, tokenizer, cfg
         self.rewards, self.grad_accum = rewards, grad_accum
-        switches = any(hasattr(m, "disabled") for m in policy.model.modules())
         # Methods that change the base weights (full, freeze) need the untrained model kept as the reference.
         self.frozen = None
-        if cfg.beta != 0.0 and not switches:
-            self.frozen = copy.deepcopy(policy).eval().requires_grad_(False)
+        if cfg.beta != 0.0 and reference.kind(policy, cacheable=False) == "copy":
+            self.frozen = reference.frozen_copy(policy)
 
     def __len__(self) -> int:
         return len(self.prompts) * self.cfg.num_iterations
@@ -130,7 +128,7 @@ class Rollouts:
             if self.frozen is not None:
                 batch["ref_logps"] = token_logps(self.frozen, batch, cfg.temperature)
             else:
-                with reference(tuned):
+                with reference.switched_off(tuned):
                     batch["ref_logps"] = token_logps(tuned, batch, cfg.temperature)
         tuned.train(was_training)
         return batch
