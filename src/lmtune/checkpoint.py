@@ -25,7 +25,7 @@ from lmtune.errors import LmtuneError
 from lmtune.methods import get_method, method_for_peft_type, parse_method_config
 from lmtune.models import DEFAULT_MODEL, cache_dir, load_tokenizer, load_weights
 from lmtune.rl.reward_model import load_head, save_head
-from lmtune.runlock import storage_problem
+from lmtune.runlock import check_new_path, storage_problem
 from lmtune.tuned import TunedModel
 
 PEFT_PREFIX = "base_model.model."
@@ -173,6 +173,7 @@ def load_adapter_weights(tuned: TunedModel, path: Path) -> None:
 
 def merge_to(directory: str | Path, out: str | Path) -> PreTrainedModel:
     """Merge a run into its base weights and write a plain transformers model + tokenizer to `out`."""
+    check_new_path(Path(out), "--out")
     if Path(out).exists() and any(Path(out).iterdir()):
         raise LmtuneError(f"{out} exists and is not empty; merge into a new directory")
     tuned, tokenizer = load(directory)

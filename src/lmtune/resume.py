@@ -26,6 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
+from transformers import PretrainedConfig
 
 from lmtune.checkpoint import RUN_INFO
 from lmtune.config import RunConfig
@@ -295,9 +296,9 @@ def _last_good(out: Path) -> str:
     return f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
 
 
-def position_limit(model: torch.nn.Module) -> int | None:
-    """The most positions the model can attend over, where its config says (absolute position tables)."""
-    config = getattr(model, "config", None)
+def position_limit(model: torch.nn.Module | PretrainedConfig) -> int | None:
+    """The most positions the model (or model config) can attend over, where its config says."""
+    config = model if isinstance(model, PretrainedConfig) else getattr(model, "config", None)
     for key in ("max_position_embeddings", "n_positions", "n_ctx"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:

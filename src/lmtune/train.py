@@ -41,7 +41,7 @@ from lmtune.quantize import check_method
 from lmtune.resume import Start, check_finite, check_lengths, prepare, restore, resume_point, save_if_due
 from lmtune.rl.grpo import grpo_loss
 from lmtune.rl.reward_model import attach_head, reward_loss
-from lmtune.runlock import RunLock, run_lock
+from lmtune.runlock import RunLock, check_new_path, run_lock
 from lmtune.stop import StopFlag, Stopped, stop_on_signal
 from lmtune.tuned import TunedModel, apply, enable_gradient_checkpointing
 
@@ -50,6 +50,7 @@ log = logging.getLogger("lmtune")
 
 def _check_output(cfg: RunConfig) -> Path:
     out = Path(cfg.output_dir)
+    check_new_path(out, "output_dir")
     if (out / RUN_INFO).exists() and not cfg.overwrite:
         raise LmtuneError(f"{out} already holds a finished run; choose another output_dir or set overwrite=true")
     return out

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from pydantic import field_validator
+from pydantic import Field
 from torch import nn
 
 from lmtune.errors import LmtuneError
@@ -24,15 +24,8 @@ PEFT_KEY = "prompt_embeddings"
 
 
 class VirtualTokenConfig(MethodConfig):
-    num_virtual_tokens: int = 20
+    num_virtual_tokens: int = Field(20, ge=1)
     """Virtual tokens (soft prompt / prefix length)."""
-
-    @field_validator("num_virtual_tokens")
-    @classmethod
-    def _at_least_one(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError("must be >= 1 (the method adds this many virtual tokens)")
-        return v
 
 
 class VirtualTokens(nn.Module):

@@ -13,7 +13,7 @@ import math
 from typing import Literal
 
 import torch
-from pydantic import field_validator
+from pydantic import Field, field_validator
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -31,11 +31,11 @@ from lmtune.methods._targets import (
 
 class LoraConfig(MethodConfig):
     name: Literal["lora"] = "lora"
-    r: int = 8
+    r: int = Field(8, ge=1)
     """Rank of the update; the seed suggests 4, 8 or 16."""
-    alpha: float = 16.0
+    alpha: float = Field(16.0, gt=0)
     """Scale numerator: the update is multiplied by alpha / r (alpha / sqrt(r) with rsLoRA)."""
-    dropout: float = 0.0
+    dropout: float = Field(0.0, ge=0, lt=1)
     """Dropout on the LoRA branch's input."""
     target_modules: str | list[str] | None = None
     """Module names (`[q_proj, v_proj]`), a regex matched against full module paths, or `all-linear`;
@@ -45,24 +45,10 @@ class LoraConfig(MethodConfig):
     init: Literal["kaiming", "gaussian", "random"] = "kaiming"
     """Initialisation of A and B (see the module docstring)."""
 
-    @field_validator("r")
-    @classmethod
-    def _positive_rank(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError("must be >= 1")
-        return v
-
     @field_validator("target_modules")
     @classmethod
     def _valid_regex(cls, v: str | list[str] | None) -> str | list[str] | None:
         return valid_targets(v)
-
-    @field_validator("dropout")
-    @classmethod
-    def _dropout_range(cls, v: float) -> float:
-        if not 0.0 <= v < 1.0:
-            raise ValueError("must be in [0, 1)")
-        return v
 
     @property
     def scaling(self) -> float:

@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from lmtune.config import RunConfig, apply_override
+from lmtune.config import RunConfig, apply_override, error_message, parse_yaml
 from lmtune.errors import LmtuneError
 from lmtune.methods import get_method, method_names
 
@@ -37,8 +37,7 @@ def _errors(err: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
     out = []
     for e in err.errors():
         key = ".".join(str(p) for p in (*([prefix] if prefix else []), *e["loc"]))
-        msg = e["msg"].removeprefix("Value error, ")
-        out.append((key, "unknown key" if e["type"] == "extra_forbidden" else msg))
+        out.append((key, "unknown key" if e["type"] == "extra_forbidden" else error_message(e)))
     return out
 
 
@@ -118,7 +117,7 @@ def to_yaml(cfg: RunConfig) -> str:
 
 def from_yaml(text: str) -> RunConfig:
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = parse_yaml(text) or {}
     except yaml.YAMLError as err:
         raise FieldErrors([("", f"not valid YAML ({getattr(err, 'problem', err)})")]) from None
     if not isinstance(raw, dict):

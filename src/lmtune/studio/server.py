@@ -38,7 +38,7 @@ class Studio:
         return forms.schema()
 
     def post_validate(self, body: dict) -> dict:
-        return {"yaml": forms.to_yaml(_with_data(forms.build(body["overrides"])))}
+        return {"yaml": forms.to_yaml(forms.build(body["overrides"]))}
 
     def post_estimate(self, body: dict) -> dict:
         # The estimate reads no data (as `lmtune estimate`): it needs no training file yet.
@@ -49,7 +49,7 @@ class Studio:
         return {"values": forms.values(forms.from_yaml(body["text"]))}
 
     def post_launch(self, body: dict) -> dict:
-        cfg = _with_data(forms.build(body["overrides"]))
+        cfg = forms.build(body["overrides"])
         return self.runs.status(self.runs.launch(cfg, body["overrides"]))
 
     def post_stop(self, body: dict) -> dict:
@@ -67,13 +67,6 @@ class Studio:
 
     def post_chat(self, body: dict) -> dict:
         return self.chat.reply(Path(body["dir"]), body["history"], int(body.get("max_new_tokens", 64)))
-
-
-def _with_data(cfg):
-    """A run needs training data; an empty list is valid YAML but would fail only once the run has started."""
-    if not cfg.data.train:
-        raise forms.FieldErrors([("data.train", "name a training data file (one per line)")])
-    return cfg
 
 
 class Handler(BaseHTTPRequestHandler):
