@@ -122,7 +122,10 @@ def load(directory: str | Path, base: str | None = None,
     elif (d / ADAPTER_CONFIG).is_file():
         peft = _read_json(d / ADAPTER_CONFIG)
         spec = method_for_peft_type(str(peft.get("peft_type")))
-        config = parse_method_config(spec.from_peft(peft) if spec.from_peft else {"name": spec.name})
+        try:
+            config = parse_method_config(spec.from_peft(peft) if spec.from_peft else {"name": spec.name})
+        except LmtuneError as err:
+            raise LmtuneError(f"{d / ADAPTER_CONFIG}: {err}") from None
         base = base if base is not None else peft.get("base_model_name_or_path")
     elif (d / "config.json").is_file():
         config, base = parse_method_config("full"), str(d)

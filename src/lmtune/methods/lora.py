@@ -18,7 +18,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lmtune.errors import LmtuneError
-from lmtune.methods import Method, MethodConfig, register
+from lmtune.methods import Method, MethodConfig, check_peft_options, register
 from lmtune.methods._targets import (
     DEFAULT_LORA_TARGETS,
     in_out_features,
@@ -131,16 +131,22 @@ def to_peft(cfg: LoraConfig, model: nn.Module) -> dict:
             "fan_in_fan_out": False, "use_dora": False, "modules_to_save": None}
 
 
-# PEFT options lmtune does not implement yet, with the value that means "off".
-_UNSUPPORTED = {"use_dora": False, "bias": "none", "modules_to_save": None, "rank_pattern": {},
-                "alpha_pattern": {}, "lora_bias": False, "layers_to_transform": None}
+# PEFT keys lmtune reads, or that matter only at initialisation / with an option refused when set (LoftQ, EVA,
+# CorDA, LoRA-GA configs need their init_lora_weights; layers_pattern needs layers_to_transform; QALoRA's group
+# size needs use_qalora; Megatron's and the runtime's settings change no output). Any other key set (DoRA,
+# aLoRA invocation tokens, rank / alpha patterns, layer replication, biases, ...) is refused.
+_PEFT_KEYS = frozenset({"r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "init_lora_weights",
+                        "fan_in_fan_out", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
+                        "layers_pattern", "qalora_group_size", "megatron_core", "runtime_config"})
 
 
 def from_peft(peft: dict) -> dict:
-    for key, off in _UNSUPPORTED.items():
-        if peft.get(key, off) not in (off, None, {}, []):
-            raise LmtuneError(f"this PEFT LoRA adapter uses {key}={peft[key]!r}, which lmtune does not support")
-    init = {str(v): k for k, v in _PEFT_INIT.items()}.get(str(peft.get("init_lora_weights", True)), "kaiming")
+    check_peft_options(peft, _PEFT_KEYS)
+    init = {str(v): k for k, v in _PEFT_INIT.items()}.get(str(peft.get("init_lora_weights", True)))
+    if init is None:  # PiSSA, OLoRA, LoftQ, EVA, ...: the adapter goes with a changed base model
+        raise LmtuneError(f"this PEFT LORA adapter was initialised with init_lora_weights="
+                          f"{peft['init_lora_weights']!r}, which changes the base weights too; lmtune loads adapters "
+                          "of an unchanged base (init_lora_weights true, false or 'gaussian')")
     return {"name": "lora", "r": peft["r"], "alpha": peft.get("lora_alpha", 8), "init": init,
             "dropout": peft.get("lora_dropout", 0.0), "target_modules": peft.get("target_modules"),
             "use_rslora": peft.get("use_rslora", False)}

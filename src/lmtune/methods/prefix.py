@@ -172,7 +172,7 @@ def p_tuning_v2_to_peft(cfg: PTuningV2Config, model: nn.Module) -> dict:
 
 def prefix_from_peft(peft: dict) -> dict:
     """PEFT has one type for both: prefix_projection tells prefix tuning (MLP) from P-tuning v2."""
-    check_peft_submodules(peft)
+    check_peft_submodules(peft, frozenset({"prefix_projection", "encoder_hidden_size", "init_weights"}))
     if peft.get("prefix_projection"):
         return {"name": "prefix", "num_virtual_tokens": peft["num_virtual_tokens"],
                 "encoder_hidden_size": peft.get("encoder_hidden_size")}

@@ -162,7 +162,8 @@ def prompt_to_peft(cfg: PromptConfig, model: nn.Module) -> dict:
 
 
 def prompt_from_peft(peft: dict) -> dict:
-    check_peft_submodules(peft)
+    check_peft_submodules(peft, frozenset({"prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path",
+                                           "tokenizer_kwargs"}))  # init only: the file holds the trained prompt
     init = {v: k for k, v in _PEFT_INIT.items()}.get(str(peft.get("prompt_tuning_init")), "random")
     # The file holds the trained prompt; the init only mattered before training.
     return {"name": "prompt", "num_virtual_tokens": peft["num_virtual_tokens"],
@@ -176,7 +177,8 @@ def p_tuning_to_peft(cfg: PTuningConfig, model: nn.Module) -> dict:
 
 
 def p_tuning_from_peft(peft: dict) -> dict:
-    check_peft_submodules(peft)
+    check_peft_submodules(peft, frozenset({"encoder_reparameterization_type", "encoder_hidden_size",
+                                           "encoder_num_layers", "encoder_dropout"}))
     return {"name": "p-tuning", "num_virtual_tokens": peft["num_virtual_tokens"],
             "encoder": str(peft.get("encoder_reparameterization_type", "MLP")).lower(),
             "encoder_hidden_size": peft.get("encoder_hidden_size"),
