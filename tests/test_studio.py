@@ -41,7 +41,7 @@ def studio(tmp_path_factory):
     (root / "runs").mkdir()
     server = make_server("127.0.0.1", 0, root / "runs")
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/", root
+    yield server.url, root  # with the secret, as `lmtune studio` prints it
     server.shutdown()
     server.server_close()
 
