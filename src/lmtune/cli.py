@@ -52,7 +52,7 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
                          "fully masked, bad). Loads the tokenizer only.")
     pv.add_argument("config", nargs="?", help="YAML run config")
     pv.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. data.train=x.jsonl")
-    pv.add_argument("-n", "--examples", type=int, default=3, help="examples shown per training source (default 3)")
+    pv.add_argument("-n", "--examples", type=_count, default=3, help="examples shown per training source (default 3)")
     _eval_parser(sub)
     _compare_parser(sub)
     r = sub.add_parser("reward", help="score a response with a reward model",
@@ -72,6 +72,13 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--runs", default="runs", help="directory whose runs the page lists (default ./runs)")
     return p
+
+
+def _count(text: str) -> int:
+    """argparse type: a whole number >= 0."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}: give a whole number >= 0")
+    return int(text)
 
 
 def _port(text: str) -> int:
@@ -243,6 +250,7 @@ def _merge(args: argparse.Namespace) -> None:
 def _studio(args: argparse.Namespace) -> None:
     from lmtune.studio.server import serve
 
+    check_new_path(Path(args.runs), "--runs")
     serve(args.host, args.port, Path(args.runs))
 
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from lmtune.errors import LmtuneError
 
@@ -21,6 +21,16 @@ class Strict(BaseModel):
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True,
                               allow_inf_nan=False)  # bounds below are Field constraints; NaN / inf never pass
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, v: Any, info: ValidationInfo) -> Any:
+        """`batch_size: true` is a slip, not 1 (pydantic's lax mode would take it)."""
+        field = cls.model_fields.get(info.field_name or "")
+        numeric = field is not None and {int, float} & {field.annotation, *get_args(field.annotation)}
+        if isinstance(v, bool) and numeric:
+            raise ValueError("must be a number, not true / false")
+        return v
 
 
 class ModelConfig(Strict):
@@ -199,11 +209,11 @@ class RunConfig(Strict):
     """Options of task grpo."""
     train: TrainConfig = TrainConfig()
     """Optimisation settings."""
-    output_dir: str = "runs/latest"
+    output_dir: str = Field("runs/latest", min_length=1)
     """Where the result, metrics and plots are written."""
     overwrite: bool = False
     """Replace a finished run in `output_dir` instead of refusing (with `resume: never`, also an unfinished one)."""
-    resume: str = "auto"
+    resume: str = Field("auto", min_length=1)
     """`auto`: continue from the latest checkpoint in `output_dir` when its run did not finish; `never`:
     start over; or a checkpoint directory (`RUN/checkpoints/step-N`, or a run directory for its latest)."""
     force: bool = False
@@ -242,10 +252,10 @@ def error_message(e: dict) -> str:
     """pydantic's message for one error, bounds written as `must be >= 0`."""
     if e["type"] in _BOUNDS:
         (bound,) = e["ctx"].values()
-        return f"must be {_BOUNDS[e['type']]} {bound:g}"
+        return f"must be {_BOUNDS[e['type']]} {f'{bound:g}' if isinstance(bound, float) else bound}"
     if e["type"] == "finite_number":
         return "must be a finite number"
-    if e["type"] == "too_short":
+    if e["type"] in ("too_short", "string_too_short"):
         return "must not be empty"
     return e["msg"].removeprefix("Value error, ")
 
@@ -334,6 +344,8 @@ def load_raw(path: str | Path | None, overrides: list[str] = ()) -> dict[str, An
     raw: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise LmtuneError(f"{p} is a directory; give the path of a YAML run config")
         if not p.is_file():
             raise LmtuneError(f"config file not found: {p}")
         try:
