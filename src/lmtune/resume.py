@@ -306,6 +306,19 @@ def position_limit(model: torch.nn.Module | PretrainedConfig) -> int | None:
     return None
 
 
+def check_batches(batch_size: int, grad_accum: int, examples: int, micro_batches: int) -> str | None:
+    """Refuse an optimizer step that needs more micro-batches than a pass over the data holds (it would see
+    examples twice, and gathers all of them first); a note when the batch size exceeds the data, else None."""
+    if grad_accum > micro_batches:
+        raise LmtuneError(f"train.grad_accum={grad_accum} needs {grad_accum} micro-batches per optimizer step, but "
+                          f"the {examples} training examples make only {micro_batches} of train.batch_size="
+                          f"{batch_size}; set train.grad_accum<={micro_batches} or lower train.batch_size")
+    if batch_size > examples:
+        return (f"train.batch_size={batch_size} is more than the {examples} training examples: each batch holds "
+                f"all {examples}")
+    return None
+
+
 def _sequences(item) -> tuple:
     """The sequences a training item holds: a pair holds two; a packed row several, each with its own positions."""
     if hasattr(item, "chosen"):

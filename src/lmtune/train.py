@@ -38,7 +38,16 @@ from lmtune.monitor import (
 )
 from lmtune.objectives import OBJECTIVES, dpo_loss, label_weight, real_tokens, sequence_logps, simpo_loss
 from lmtune.quantize import check_method
-from lmtune.resume import Start, check_finite, check_lengths, prepare, restore, resume_point, save_if_due
+from lmtune.resume import (
+    Start,
+    check_batches,
+    check_finite,
+    check_lengths,
+    prepare,
+    restore,
+    resume_point,
+    save_if_due,
+)
 from lmtune.rl.grpo import grpo_loss
 from lmtune.rl.reward_model import attach_head, reward_loss
 from lmtune.runlock import RunLock, check_new_path, run_lock
@@ -237,6 +246,7 @@ def _run(cfg: RunConfig, lock: RunLock) -> dict:
     # Data before anything is logged or written: a bad record fails as one line and leaves no directory.
     train_set, eval_set, stats = _load_data(cfg, tokenizer)
     check_lengths(train_set + eval_set, model)
+    batch_note = check_batches(t.batch_size, t.grad_accum, len(train_set), math.ceil(len(train_set) / t.batch_size))
     # Seeded after loading: a first-use conversion of the default model draws random numbers.
     set_seed(cfg.train.seed)
     tuned = apply(model, cfg.method, base_name=cfg.model.name, tokenizer=tokenizer)
@@ -258,6 +268,8 @@ def _run(cfg: RunConfig, lock: RunLock) -> dict:
     world = accelerator.num_processes
     log.info("batch: %d examples x %d accumulation x %d processes = %d per optimizer step", t.batch_size,
              t.grad_accum, world, t.batch_size * t.grad_accum * world)
+    if batch_note:
+        log.info("batch: %s", batch_note)
     pad = _collate_fn(cfg, tokenizer.pad_token_id)
     loader = DataLoader(train_set, batch_size=t.batch_size, shuffle=True, collate_fn=pad,
                         generator=torch.Generator().manual_seed(t.seed))
