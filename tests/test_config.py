@@ -80,7 +80,7 @@ def test_dotted_overrides(tmp_path):
     (["train.lr=-1e-4"], "config: 'train.lr': must be > 0"),
     (["train.lr=0"], "config: 'train.lr': must be > 0"),
     (["train.steps=0"], "config: 'train.steps': must be >= 1"),
-    (["data.eval_split=1.5"], "config: 'data.eval_split': must be in [0, 1)"),
+    (["data.eval_split=1.5"], "config: 'data.eval_split': must be < 1 (got 1.5)"),
     (["train.schedule=step"], "config: 'train.schedule': Input should be 'cosine', 'linear' or 'constant'"),
     (["method=nope"], "unknown method 'nope'; choose one of: "),
     (["method.r=0"], "config: 'method.r': must be >= 1 (got 0)"),

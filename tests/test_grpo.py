@@ -195,7 +195,7 @@ def test_a_bad_reward_function_is_one_line_and_exit_2(tmp_path, model_dir, monke
 
 
 def test_grpo_config_mistakes(tmp_path, model_dir):
-    with pytest.raises(LmtuneError, match="grpo.group_size': must be at least 2"):
+    with pytest.raises(LmtuneError, match="grpo.group_size': must be >= 2"):
         load_config(None, ["data.train=x.jsonl", "task=grpo", "grpo.group_size=1"])
     with pytest.raises(LmtuneError, match="task grpo needs a reward"):
         run(load_config(None, _grpo(tmp_path, model_dir, "none")))

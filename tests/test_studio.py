@@ -41,7 +41,7 @@ def studio(tmp_path_factory):
     (root / "runs").mkdir()
     server = make_server("127.0.0.1", 0, root / "runs")
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/", root
+    yield server.url, root  # with the secret, as `lmtune studio` prints it
     server.shutdown()
     server.server_close()
 
@@ -191,3 +191,48 @@ def test_configure_launch_watch_stop_chat_compare(page, studio, model_dir):
     saved = root / "saved.yaml"
     download.value.save_as(saved)
     assert dump_config(load_config(saved)) == dump_config(load_config(example))
+
+
+def test_another_page_cannot_drive_the_studio(page, studio):
+    """A page from another origin on this machine (so the browser even sends the studio's same-site cookie) posts
+    a launch with a simple content type, as any site could: the studio answers 403 and nothing runs. Without the
+    secret, the studio's own address shows only how to get in."""
+    import http.server
+    from urllib.parse import urlsplit
+
+    url, root = studio
+    port = urlsplit(url).port
+    target = root / "runs" / "evil"
+    attack = (f'<script>fetch("http://localhost:{port}/api/launch", {{method: "POST", mode: "no-cors", '
+              f'credentials: "include", headers: {{"Content-Type": "text/plain"}}, body: JSON.stringify('
+              f'{{overrides: ["data.train=x.jsonl", "output_dir={target}"]}})}})</script>').encode()
+
+    class Evil(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(attack)
+
+        def log_message(self, *args):
+            pass
+
+    evil = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Evil)
+    threading.Thread(target=evil.serve_forever, daemon=True).start()
+    context = page.context.browser.new_context()
+    other = context.new_page()
+    try:
+        # The user opened the studio's address: its cookie is in this browser (fetched without running the page,
+        # whose first estimate would outlive the test).
+        assert context.request.get(url, max_redirects=0).status == 303 and context.cookies()
+        with other.expect_response(lambda r: "/api/launch" in r.url) as response:
+            other.goto(f"http://localhost:{evil.server_address[1]}/")
+        assert response.value.status == 403
+        assert not target.exists()
+        context.clear_cookies()
+        other.goto(f"http://localhost:{port}/")
+        assert "missing or wrong studio token" in other.inner_text("body")
+    finally:
+        context.close()
+        evil.shutdown()
+        evil.server_close()

@@ -23,7 +23,7 @@ from lmtune.errors import LmtuneError
 from lmtune.methods import get_method, method_for_peft_type, parse_method_config
 from lmtune.models import load_tokenizer, load_weights
 from lmtune.rl.reward_model import load_head
-from lmtune.runlock import storage_problem
+from lmtune.runlock import check_new_path, storage_problem
 from lmtune.saving import (  # re-exported: the writing half lives in saving.py
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -61,7 +61,10 @@ def load(directory: str | Path, base: str | None = None,
     elif (d / ADAPTER_CONFIG).is_file():
         peft = _read_json(d / ADAPTER_CONFIG)
         spec = method_for_peft_type(str(peft.get("peft_type")))
-        config = parse_method_config(spec.from_peft(peft) if spec.from_peft else {"name": spec.name})
+        try:
+            config = parse_method_config(spec.from_peft(peft) if spec.from_peft else {"name": spec.name})
+        except LmtuneError as err:
+            raise LmtuneError(f"{d / ADAPTER_CONFIG}: {err}") from None
         base = base if base is not None else peft.get("base_model_name_or_path")
     elif (d / "config.json").is_file():
         config, base = parse_method_config("full"), str(d)
@@ -112,6 +115,7 @@ def load_adapter_weights(tuned: TunedModel, path: Path) -> None:
 
 def merge_to(directory: str | Path, out: str | Path) -> PreTrainedModel:
     """Merge a run into its base weights and write a plain transformers model + tokenizer to `out`."""
+    check_new_path(Path(out), "--out")
     if Path(out).exists() and any(Path(out).iterdir()):
         raise LmtuneError(f"{out} exists and is not empty; merge into a new directory")
     tuned, tokenizer = load(directory)

@@ -6,9 +6,11 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import NoReturn
 
-from lmtune.errors import LmtuneError
+from lmtune.errors import LmtuneError, os_error_line
+from lmtune.runlock import check_new_path
 
 
 class _Parser(argparse.ArgumentParser):
@@ -50,7 +52,7 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
                          "fully masked, bad). Loads the tokenizer only.")
     pv.add_argument("config", nargs="?", help="YAML run config")
     pv.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. data.train=x.jsonl")
-    pv.add_argument("-n", "--examples", type=int, default=3, help="examples shown per training source (default 3)")
+    pv.add_argument("-n", "--examples", type=_count, default=3, help="examples shown per training source (default 3)")
     _eval_parser(sub)
     _compare_parser(sub)
     r = sub.add_parser("reward", help="score a response with a reward model",
@@ -66,10 +68,24 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
     s = sub.add_parser("studio", help="web page: configure, estimate, launch, watch, chat, compare",
                        description="Serve the lmtune studio, a local web page to configure a run (with its memory "
                        "estimate live), launch and watch it, stop it cleanly, chat with the result and compare runs.")
-    s.add_argument("--port", type=int, default=7860, help="port to listen on (default 7860; 0 picks a free one)")
+    s.add_argument("--port", type=_port, default=7860, help="port to listen on (default 7860; 0 picks a free one)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--runs", default="runs", help="directory whose runs the page lists (default ./runs)")
     return p
+
+
+def _count(text: str) -> int:
+    """argparse type: a whole number >= 0."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}: give a whole number >= 0")
+    return int(text)
+
+
+def _port(text: str) -> int:
+    """argparse type: a TCP port number (0 lets the system pick one)."""
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}: give a number from 1 to 65535 (0 picks a free one)")
+    return int(text)
 
 
 def _eval_parser(sub) -> None:
@@ -190,16 +206,20 @@ def _eval(args: argparse.Namespace) -> None:
 
     steps = parse_normalize(args.normalize)  # argument mistakes before the model loads
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+    out = args.out or (os.path.join(args.run_dir, "eval.json") if args.run_dir else None)
+    if out:
+        check_new_path(Path(out), "--out", directory=False)
     tuned, tokenizer = _load_target(args)
     tuned = on_device(tuned)
     result = {"run": args.run_dir, "model": tuned.base_name if args.run_dir else (args.model or "default"),
               **evaluate_file(tuned, tokenizer, args.data, metrics, data_settings(args.run_dir), steps,
                               args.max_new_tokens)}
     text = json.dumps(result, indent=2)
-    out = args.out or (os.path.join(args.run_dir, "eval.json") if args.run_dir else None)
     if out:
-        with open(out, "w") as f:
-            f.write(text + "\n")
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(f"{out}.tmp-{os.getpid()}")
+        tmp.write_text(text + "\n")
+        os.replace(tmp, out)  # a failed write leaves no torn JSON behind
     print(text)
 
 
@@ -207,6 +227,7 @@ def _compare(args: argparse.Namespace) -> None:
     from lmtune.compare import compare
     from lmtune.evaluation import parse_normalize
 
+    check_new_path(Path(args.out), "--out")
     config, overrides = _config_and_overrides(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     compare(config, overrides, methods, args.steps, args.out, args.max_new_tokens, parse_normalize(args.normalize))
@@ -227,10 +248,9 @@ def _merge(args: argparse.Namespace) -> None:
 
 
 def _studio(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
     from lmtune.studio.server import serve
 
+    check_new_path(Path(args.runs), "--runs")
     serve(args.host, args.port, Path(args.runs))
 
 
@@ -261,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
         COMMANDS[args.command](args)
     except LmtuneError as err:
         print(f"lmtune: error: {err}", file=sys.stderr)
+        return 2
+    except (OSError, UnicodeError) as err:  # a path the user gave that cannot be read or written, wherever met
+        print(f"lmtune: error: {os_error_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:  # a training run stopped by a signal says where its checkpoint is
         print(f"lmtune: {str(err) or 'interrupted'}", file=sys.stderr)

@@ -6,7 +6,6 @@ prints them. Method options live in each method's own config class (see `methods
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,29 +39,23 @@ class ModelConfig(Strict):
 class DataSource(Strict):
     path: str
     """A data file (.jsonl, .json, .csv, .parquet, .txt) or, online, a hub dataset id."""
-    weight: float = 1.0
-    """How many times each of its examples is used per epoch: 2 repeats them, 0.5 draws half of them."""
-
-    @field_validator("weight")
-    @classmethod
-    def _positive_weight(cls, v: float) -> float:
-        if v <= 0:
-            raise ValueError("must be > 0")
-        return v
+    weight: float = Field(1.0, gt=0, le=1000)
+    """How many times each of its examples is used per epoch: 2 repeats them, 0.5 draws half of them (at most
+    1000)."""
 
 
 class DataConfig(Strict):
-    train: list[DataSource]
+    train: list[DataSource] = Field(min_length=1)
     """Training data: a file, or a list of files / {path, weight} mappings mixed together. Records are detected
     by keys: messages; prompt+completion; instruction+output (Alpaca); text+label (classification); text
     (pretrain; .txt files too); prompt+chosen+rejected (dpo / simpo)."""
     eval: list[DataSource] | None = None
     """Evaluation data in the same form; when empty, `eval_split` of each training source is held out."""
-    eval_split: float = 0.0
+    eval_split: float = Field(0.0, ge=0, lt=1)
     """Fraction of the training records held out for evaluation when no `eval` file is given."""
-    max_length: int = 1024
+    max_length: int = Field(1024, ge=2)
     """Tokens per example (per block for pretrain, per row with packing); longer examples are cut from the
-    right and counted."""
+    right and counted. At most the model's position limit (the memory estimate never assumes more)."""
     prompt_format: Literal["auto", "chat", "plain"] = "auto"
     """How prompt/completion records become text: the tokenizer's chat template (`chat`), plain
     concatenation (`plain`), or `auto` (chat when the tokenizer has a template)."""
@@ -89,46 +82,33 @@ class DataConfig(Strict):
         items = v if isinstance(v, list) else [v]
         return [{"path": item} if isinstance(item, str) else item for item in items]
 
-    @field_validator("eval_split")
-    @classmethod
-    def _split_in_range(cls, v: float) -> float:
-        if not 0.0 <= v < 1.0:
-            raise ValueError("must be in [0, 1)")
-        return v
-
-    @field_validator("max_length")
-    @classmethod
-    def _positive_length(cls, v: int) -> int:
-        if v < 2:
-            raise ValueError("must be at least 2")
-        return v
 
 
 class TrainConfig(Strict):
-    steps: int | None = None
+    steps: int | None = Field(None, ge=1)
     """Optimizer steps to run; when empty, `epochs` passes over the training data."""
-    epochs: float = 1.0
+    epochs: float = Field(1.0, gt=0)
     """Passes over the training data when `steps` is empty."""
-    batch_size: int = 4
+    batch_size: int = Field(4, ge=1)
     """Examples per micro-batch (pairs for dpo / simpo / reward; prompts for grpo, each sampled grpo.group_size
     times; rows of data.max_length with data.packing)."""
-    grad_accum: int = 1
+    grad_accum: int = Field(1, ge=1)
     """Micro-batches per optimizer step; the loss is normalised by the step's label tokens."""
-    lr: float = 2e-4
+    lr: float = Field(2e-4, gt=0)
     """Peak learning rate."""
-    weight_decay: float = 0.0
+    weight_decay: float = Field(0.0, ge=0)
     """AdamW decoupled weight decay."""
-    warmup_steps: int = 0
+    warmup_steps: int = Field(0, ge=0)
     """Steps of linear warm-up from 0 to `lr`."""
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     """Learning-rate decay after warm-up."""
-    max_grad_norm: float | None = 1.0
+    max_grad_norm: float | None = Field(1.0, gt=0)
     """Clip the global gradient norm to this value; empty disables clipping."""
-    seed: int = 42
+    seed: int = Field(42, ge=0, lt=2**32)
     """Seed for initialisation, shuffling and dropout."""
-    eval_every: int | None = None
+    eval_every: int | None = Field(None, ge=1)
     """Evaluate every N steps (and always at the end) when there is eval data."""
-    log_every: int = 1
+    log_every: int = Field(1, ge=1)
     """Write a metrics line every N steps."""
     device: Literal["auto", "cpu"] = "auto"
     """`auto` uses the accelerator accelerate finds, `cpu` forces the CPU."""
@@ -137,66 +117,45 @@ class TrainConfig(Strict):
     GPU); `bf16`: weights, gradients and optimizer states in bf16. The loss is always computed in fp32."""
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in the backward pass: much less memory, ~30% more compute."""
-    save_every: int | None = 500
+    save_every: int | None = Field(500, ge=1)
     """Write a resumable checkpoint (weights, optimizer, scheduler, RNG, step) every N steps and at the end;
     empty: only at the end."""
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = Field(2, ge=1)
     """How many of the latest resumable checkpoints to keep in `output_dir/checkpoints`."""
     tensorboard: bool = False
     """Also log every metrics row to TensorBoard, in `output_dir/tensorboard` (needs `pip install tensorboard`)."""
 
-    @field_validator("lr")
-    @classmethod
-    def _positive_lr(cls, v: float) -> float:
-        if not 0 < v < math.inf:
-            raise ValueError("must be > 0 and finite")
-        return v
-
-    @field_validator("batch_size", "grad_accum", "log_every", "steps", "eval_every", "save_every",
-                     "keep_checkpoints")
-    @classmethod
-    def _positive_count(cls, v: int | None) -> int | None:
-        if v is not None and v < 1:
-            raise ValueError("must be >= 1")
-        return v
-
 
 class PreferenceConfig(Strict):
-    beta: float | None = None
+    beta: float | None = Field(None, gt=0)
     """Strength of the preference: the scale of the log-probability margin (default 0.1 for dpo, 2.0 for simpo);
     for orpo the weight of the odds-ratio term (default 0.1), for kto the scale of its rewards (default 0.1)."""
-    label_smoothing: float = 0.0
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     """Probability that a pair's preference is flipped (conservative DPO); 0 trusts every label."""
-    gamma: float = 0.5
+    gamma: float = Field(0.5, ge=0)
     """SimPO's target margin between the chosen and rejected rewards."""
-    margin: float = 0.0
+    margin: float = Field(0.0, ge=0)
     """Task reward: how far the chosen score must beat the rejected one (-log sigmoid(r_c - r_r - margin))."""
 
-    @field_validator("label_smoothing")
-    @classmethod
-    def _smoothing_in_range(cls, v: float) -> float:
-        if not 0.0 <= v < 0.5:
-            raise ValueError("must be in [0, 0.5)")
-        return v
 
 
 class GrpoConfig(Strict):
     """GRPO (Shao et al. 2024): per prompt, a group of sampled completions, scored, advantages normalised in
     the group, a clipped policy ratio and a KL penalty to the reference (the base model)."""
 
-    group_size: int = 4
+    group_size: int = Field(4, ge=2)
     """Completions sampled per prompt; their rewards are normalised within the group (at least 2)."""
-    temperature: float = 1.0
+    temperature: float = Field(1.0, gt=0)
     """Sampling temperature of the completions (log-probabilities are taken at the same temperature)."""
-    top_p: float = 1.0
+    top_p: float = Field(1.0, gt=0, le=1)
     """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
-    max_new_tokens: int = 64
+    max_new_tokens: int = Field(64, ge=1)
     """Longest completion, in tokens."""
-    beta: float = 0.04
+    beta: float = Field(0.04, ge=0)
     """Weight of the per-token KL penalty to the reference (k3 estimator); 0 drops the reference pass."""
-    epsilon: float = 0.2
+    epsilon: float = Field(0.2, gt=0, lt=1)
     """Clip range of the policy ratio: [1 - epsilon, 1 + epsilon]."""
-    num_iterations: int = 1
+    num_iterations: int = Field(1, ge=1)
     """Optimizer steps taken on each batch of completions (mu); above 1 the ratio to the sampling policy is clipped."""
     loss_type: Literal["dapo", "grpo"] = "dapo"
     """How token losses are averaged: `dapo` over every completion token of the step (TRL's default), `grpo`
@@ -215,26 +174,6 @@ class GrpoConfig(Strict):
     def _reward_list(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
 
-    @field_validator("group_size")
-    @classmethod
-    def _group(cls, v: int) -> int:
-        if v < 2:
-            raise ValueError("must be at least 2 (advantages compare completions of the same prompt)")
-        return v
-
-    @field_validator("max_new_tokens", "num_iterations")
-    @classmethod
-    def _at_least_one(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError("must be >= 1")
-        return v
-
-    @field_validator("temperature", "top_p")
-    @classmethod
-    def _positive(cls, v: float) -> float:
-        if not v > 0:
-            raise ValueError("must be > 0")
-        return v
 
 
 class RunConfig(Strict):
@@ -253,11 +192,11 @@ class RunConfig(Strict):
     """Options of task grpo."""
     train: TrainConfig = TrainConfig()
     """Optimisation settings."""
-    output_dir: str = "runs/latest"
+    output_dir: str = Field("runs/latest", min_length=1)
     """Where the result, metrics and plots are written."""
     overwrite: bool = False
     """Replace a finished run in `output_dir` instead of refusing (with `resume: never`, also an unfinished one)."""
-    resume: str = "auto"
+    resume: str = Field("auto", min_length=1)
     """`auto`: continue from the latest checkpoint in `output_dir` when its run did not finish; `never`:
     start over; or a checkpoint directory (`RUN/checkpoints/step-N`, or a run directory for its latest)."""
     force: bool = False
@@ -307,7 +246,38 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
         if not isinstance(child, dict):
             raise LmtuneError(f"override '{key}': '{part}' is not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(value) if value else None
+    try:
+        node[parts[-1]] = parse_yaml(value) if value else None
+    except yaml.YAMLError as err:
+        raise LmtuneError(f"override '{assignment}': the value is not valid YAML ({_problem(err)}); quote it, "
+                          "e.g. key='[x'") from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error, not a silent last-wins."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                line = first.setdefault(key, key_node.start_mark.line)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if line != key_node.start_mark.line and key != "<<":
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' is given twice (first on line {line + 1}); keep one",
+                    key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str) -> Any:
+    """`yaml.safe_load`, refusing duplicate keys."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def _problem(err: yaml.YAMLError) -> str:
+    return str(getattr(err, "problem", None) or err).strip()
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
@@ -320,14 +290,21 @@ def load_raw(path: str | Path | None, overrides: list[str] = ()) -> dict[str, An
     raw: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise LmtuneError(f"{p} is a directory; give the path of a YAML run config")
         if not p.is_file():
             raise LmtuneError(f"config file not found: {p}")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = parse_yaml(p.read_bytes().decode()) or {}
+        except UnicodeDecodeError as err:
+            raise LmtuneError(f"{p}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
+                              "save the file as UTF-8") from None
+        except OSError as err:
+            raise LmtuneError(f"cannot read {p}: {err.strerror}") from None
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""
-            raise LmtuneError(f"{p}:{where} is not valid YAML ({getattr(err, 'problem', err)})") from None
+            raise LmtuneError(f"{p}:{where} is not valid YAML ({_problem(err)})") from None
         if not isinstance(raw, dict):
             raise LmtuneError(f"{p}: the top level must be a mapping of keys (model, method, data, train, ...)")
     for assignment in overrides:

@@ -111,7 +111,7 @@ def data_settings(run_dir: str | Path | None) -> DataConfig:
     if saved is not None and saved.is_file():
         # The run saved its tokenizer with data.chat_template already in it.
         return load_config(saved).data.model_copy(update={"chat_template": None})
-    return DataConfig(train=[])
+    return DataConfig.model_construct(train=[])  # settings only: no training data
 
 
 def on_device(tuned: TunedModel) -> TunedModel:
@@ -166,7 +166,7 @@ def evaluate_file(tuned: TunedModel, tokenizer: PreTrainedTokenizerBase, path: s
     """Score `tuned` on the records of `path`; returns {"examples", "kind", "metrics", ...}."""
     if max_new_tokens is not None and max_new_tokens < 1:
         raise LmtuneError(f"max new tokens must be at least 1 (got {max_new_tokens})")
-    d = d or DataConfig(train=[])
+    d = d or DataConfig.model_construct(train=[])  # settings only: no training data
     use_chat_template(tokenizer, d.chat_template)
     records = read_records(path)
     kind = data_kind(records, path)

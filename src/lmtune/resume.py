@@ -26,6 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
+from transformers import PretrainedConfig
 
 from lmtune.checkpoint import RUN_INFO
 from lmtune.config import RunConfig
@@ -295,13 +296,26 @@ def _last_good(out: Path) -> str:
     return f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
 
 
-def position_limit(model: torch.nn.Module) -> int | None:
-    """The most positions the model can attend over, where its config says (absolute position tables)."""
-    config = getattr(model, "config", None)
+def position_limit(model: torch.nn.Module | PretrainedConfig) -> int | None:
+    """The most positions the model (or model config) can attend over, where its config says."""
+    config = model if isinstance(model, PretrainedConfig) else getattr(model, "config", None)
     for key in ("max_position_embeddings", "n_positions", "n_ctx"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:
             return value
+    return None
+
+
+def check_batches(batch_size: int, grad_accum: int, examples: int, micro_batches: int) -> str | None:
+    """Refuse an optimizer step that needs more micro-batches than a pass over the data holds (it would see
+    examples twice, and gathers all of them first); a note when the batch size exceeds the data, else None."""
+    if grad_accum > micro_batches:
+        raise LmtuneError(f"train.grad_accum={grad_accum} needs {grad_accum} micro-batches per optimizer step, but "
+                          f"the {examples} training examples make only {micro_batches} of train.batch_size="
+                          f"{batch_size}; set train.grad_accum<={micro_batches} or lower train.batch_size")
+    if batch_size > examples:
+        return (f"train.batch_size={batch_size} is more than the {examples} training examples: each batch holds "
+                f"all {examples}")
     return None
 
 

@@ -86,3 +86,19 @@ def storage_problem(err: BaseException) -> str | None:
         return err.strerror if err.errno in _STORAGE_ERRORS else None
     found = re.search(r"os error (\d+)", str(err)) if type(err).__name__ == "SafetensorError" else None
     return os.strerror(int(found.group(1))) if found and int(found.group(1)) in _STORAGE_ERRORS else None
+
+
+def check_new_path(path: Path, what: str, directory: bool = True) -> None:
+    """Refuse, before any work, a `path` that cannot be created as a directory (`directory`) or a file.
+
+    An existing directory is fine for a directory (the caller decides about its contents); a path under a
+    file, or of the other kind, is a one-line error naming `what` (e.g. "output_dir", "--out").
+    """
+    if path.exists() and path.is_dir() != directory:
+        kind = "a file" if directory else "a directory"
+        raise LmtuneError(f"{what} {path} is {kind}; give a {'directory' if directory else 'file'} path")
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise LmtuneError(f"{what} {path}: {parent} is a file, not a directory; choose another path")
+            break

@@ -40,8 +40,17 @@ from lmtune.monitor import (
 )
 from lmtune.objectives import label_weight, real_tokens, sequence_logps
 from lmtune.quantize import check_method
-from lmtune.resume import Start, check_finite, check_lengths, prepare, restore, resume_point, save_if_due
-from lmtune.runlock import RunLock, run_lock
+from lmtune.resume import (
+    Start,
+    check_batches,
+    check_finite,
+    check_lengths,
+    prepare,
+    restore,
+    resume_point,
+    save_if_due,
+)
+from lmtune.runlock import RunLock, check_new_path, run_lock
 from lmtune.stop import StopFlag, Stopped, stop_on_signal
 from lmtune.tasks import Task, evaluate, get_task, reference
 from lmtune.tuned import TunedModel, apply, enable_gradient_checkpointing
@@ -51,6 +60,7 @@ log = logging.getLogger("lmtune")
 
 def _check_output(cfg: RunConfig) -> Path:
     out = Path(cfg.output_dir)
+    check_new_path(out, "output_dir")
     if (out / RUN_INFO).exists() and not cfg.overwrite:
         raise LmtuneError(f"{out} already holds a finished run; choose another output_dir or set overwrite=true")
     return out
@@ -166,6 +176,7 @@ def _run(cfg: RunConfig, lock: RunLock) -> dict:
     # Data before anything is logged or written: a bad record fails as one line and leaves no directory.
     train_set, eval_set, stats = _load_data(cfg, task, tokenizer)
     check_lengths(train_set + eval_set, model)
+    batch_note = check_batches(t.batch_size, t.grad_accum, len(train_set), math.ceil(len(train_set) / t.batch_size))
     # Seeded after loading: a first-use conversion of the default model draws random numbers.
     set_seed(cfg.train.seed)
     tuned = apply(model, cfg.method, base_name=cfg.model.name, tokenizer=tokenizer)
@@ -187,6 +198,8 @@ def _run(cfg: RunConfig, lock: RunLock) -> dict:
     world = accelerator.num_processes
     log.info("batch: %d examples x %d accumulation x %d processes = %d per optimizer step", t.batch_size,
              t.grad_accum, world, t.batch_size * t.grad_accum * world)
+    if batch_note:
+        log.info("batch: %s", batch_note)
     pad = _collate_fn(cfg, task, tokenizer.pad_token_id)
     loader = DataLoader(train_set, batch_size=t.batch_size, shuffle=True, collate_fn=pad,
                         generator=torch.Generator().manual_seed(t.seed))

@@ -17,6 +17,8 @@ ENCODING = "utf-8-sig"  # UTF-8, ignoring the byte-order mark that spreadsheet e
 def read_records(path: str | Path, bad: list[str] | None = None) -> list[Record]:
     """Every record of `path`; with a `bad` list, unreadable lines are noted there and skipped, not fatal."""
     p = Path(path)
+    if p.is_dir():
+        raise LmtuneError(f"{p} is a directory; name a data file in it (.jsonl, .json, .csv, .parquet or .txt)")
     if not p.is_file():
         if _looks_like_hub_id(str(path)):
             return _read_hub(str(path))
@@ -29,6 +31,8 @@ def read_records(path: str | Path, bad: list[str] | None = None) -> list[Record]
         records = reader(p, bad) if reader is _read_jsonl else reader(p)
     except UnicodeDecodeError as err:
         raise LmtuneError(f"{p}: not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8") from None
+    except OSError as err:
+        raise LmtuneError(f"cannot read {p}: {err.strerror}") from None
     if not records:
         raise LmtuneError(f"{p}: all {len(bad)} records are bad (first: {bad[0]})" if bad else f"{p}: no records")
     for where, record in records:
@@ -98,9 +102,13 @@ def _read_csv(p: Path) -> list[Record]:
         reader = csv.DictReader(f)
         try:
             # A quoted field may span lines: a row starts where it ends, less the newlines inside it.
-            return [(f"{p}:{reader.line_num - _newlines(row)}", dict(row)) for row in reader]
+            rows = [(f"{p}:{reader.line_num - _newlines(row)}", row) for row in reader]
         except csv.Error as err:
             raise LmtuneError(f"{p}:{reader.line_num}: not valid CSV ({err})") from None
+    for where, row in rows:
+        if None in row:  # DictReader files surplus values under the key None
+            raise LmtuneError(f"{where}: more values than the header has columns ({', '.join(reader.fieldnames)})")
+    return [(where, dict(row)) for where, row in rows]
 
 
 def _newlines(row: dict[str, Any]) -> int:
@@ -112,5 +120,10 @@ def _read_parquet(p: Path) -> list[Record]:
         import pyarrow.parquet as pq
     except ImportError:
         raise LmtuneError(f"{p}: reading Parquet needs pyarrow: pip install pyarrow") from None
-    rows = pq.read_table(p).to_pylist()
+    import pyarrow as pa
+
+    try:
+        rows = pq.read_table(p).to_pylist()
+    except (pa.ArrowException, OSError) as err:  # a torn or mislabelled file: pyarrow says why in its first line
+        raise LmtuneError(f"{p}: not a readable Parquet file ({str(err).strip().splitlines()[0]})") from None
     return [(f"{p}: row {i}", r) for i, r in enumerate(rows, start=1)]

@@ -10,7 +10,7 @@ Options the CPU trace cannot run (8/4-bit base weights, 8-bit AdamW) swap in the
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from lmtune.errors import LmtuneError
 from lmtune.memory import formulas
 from lmtune.memory.trace import StepTrace, trace_step
+from lmtune.models import GGUF_ERRORS
 from lmtune.tasks import reference as ref
 
 Precision = Literal["fp32", "bf16", "fp16", "bf16-mixed", "fp16-mixed"]
@@ -101,7 +102,7 @@ def load_model_config(name: str | None, trust_remote_code: bool = False) -> Pret
         if source.endswith(".gguf"):
             return AutoConfig.from_pretrained(str(Path(source).parent), gguf_file=Path(source).name)
         return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, KeyError, *GGUF_ERRORS) as err:
         raise LmtuneError(f"cannot read the config of model '{name}': {str(err).strip().splitlines()[0]}") from None
 
 
@@ -109,10 +110,16 @@ def estimate(plan: MemoryPlan) -> Estimate:
     """Predict the peak memory of `plan`'s training run on each device."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from lmtune.resume import position_limit
     from lmtune.tuned import apply
 
     _check(plan)
     config = load_model_config(plan.model, plan.trust_remote_code)
+    notes = []
+    limit = position_limit(config)
+    if limit is not None and plan.seq_len > limit:  # no run gets longer rows: check_lengths refuses them
+        notes.append(f"sequence length {plan.seq_len} capped at the model's {limit} positions")
+        plan = replace(plan, seq_len=limit)
     labelled = max(1, round((1.0 if plan.packing else plan.labelled_fraction) * (plan.seq_len - 1)))
     with FakeTensorMode(allow_non_fake_inputs=True):
         model = AutoModelForCausalLM.from_config(config, dtype=_WEIGHT_DTYPE[plan.precision],
@@ -136,6 +143,7 @@ def estimate(plan: MemoryPlan) -> Estimate:
                           padded=not plan.packing)
         trainable, total = tuned.trainable_parameters()
         swaps = formulas.swaps(tuned, plan)
+    swaps.notes[:0] = notes
     return _breakdown(step, swaps, plan, trainable, total)
 
 

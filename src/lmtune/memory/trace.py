@@ -9,6 +9,7 @@ same with module bookkeeping that costs ~20x the time; we need only the total an
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,6 +21,19 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary, weakref
 
 from lmtune.head import hidden_states_for_head
+
+_CHECK: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar("lmtune_trace_check", default=None)
+
+
+@contextlib.contextmanager
+def checked(check: Callable[[], None]) -> Iterator[None]:
+    """Call `check` before every traced op in this thread; what it raises stops the trace (a caller's time limit,
+    or a newer request that supersedes this one)."""
+    token = _CHECK.set(check)
+    try:
+        yield
+    finally:
+        _CHECK.reset(token)
 
 
 class LiveBytes(TorchDispatchMode):
@@ -50,6 +64,9 @@ class LiveBytes(TorchDispatchMode):
         self.live -= size
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        check = _CHECK.get()
+        if check is not None:
+            check()
         out = func(*args, **(kwargs or {}))
         for leaf in tree_leaves(out):
             if isinstance(leaf, torch.Tensor):

@@ -93,6 +93,25 @@ def method_for_peft_type(peft_type: str) -> Method:
     raise LmtuneError(f"lmtune cannot load PEFT adapters of type '{peft_type}'")
 
 
+PEFT_METADATA = frozenset({"peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path",
+                           "revision", "inference_mode"})
+"""adapter_config.json keys that describe the file, not the computation."""
+
+
+def _is_off(value: Any) -> bool:
+    return value is None or value is False or value in ("none", "") or value == {} or value == []
+
+
+def check_peft_options(peft: dict, understood: frozenset[str] | set[str]) -> None:
+    """Refuse a PEFT adapter that sets an option lmtune does not implement: loaded without it, its outputs would
+    differ from PEFT's. An allow-list: metadata, the keys the method reads (`understood`), and any other key only
+    at its "off" value (None, false, "none", empty), so an option added to PEFT later is refused too."""
+    for key, value in peft.items():
+        if key not in PEFT_METADATA and key not in understood and not _is_off(value):
+            raise LmtuneError(f"this PEFT {peft.get('peft_type')} adapter sets {key}={value!r}, which lmtune does not "
+                              "implement (it would give different outputs); load it with PEFT, or retrain without it")
+
+
 def parse_method_config(value: Any) -> MethodConfig:
     """`"lora"`, `{"name": "lora", "r": 16}` or a config object -> the method's validated config."""
     if isinstance(value, MethodConfig):

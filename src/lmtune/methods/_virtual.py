@@ -13,26 +13,19 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from pydantic import field_validator
+from pydantic import Field
 from torch import nn
 
 from lmtune.errors import LmtuneError
-from lmtune.methods import MethodConfig
+from lmtune.methods import MethodConfig, check_peft_options
 
 ATTRIBUTE = "prompt_encoder"
 PEFT_KEY = "prompt_embeddings"
 
 
 class VirtualTokenConfig(MethodConfig):
-    num_virtual_tokens: int = 20
+    num_virtual_tokens: int = Field(20, ge=1)
     """Virtual tokens (soft prompt / prefix length)."""
-
-    @field_validator("num_virtual_tokens")
-    @classmethod
-    def _at_least_one(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError("must be >= 1 (the method adds this many virtual tokens)")
-        return v
 
 
 class VirtualTokens(nn.Module):
@@ -118,8 +111,15 @@ def extend_inputs(inputs: dict[str, Any], num_virtual: int, batch: int, length: 
     return inputs
 
 
-def check_peft_submodules(peft: dict) -> None:
-    """PEFT's seq2seq default keeps a second table for the decoder; lmtune's prompt family uses one."""
+PEFT_KEYS = frozenset({"num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads",
+                       "num_layers"})
+"""adapter_config.json keys every prompt-family method reads (the table's shape, checked when it loads)."""
+
+
+def check_peft_submodules(peft: dict, understood: frozenset[str] = frozenset()) -> None:
+    """PEFT's seq2seq default keeps a second table for the decoder; lmtune's prompt family uses one. Options the
+    method does not read (`understood`: the method's own keys) are refused when set."""
+    check_peft_options(peft, PEFT_KEYS | understood)
     if (peft.get("num_transformer_submodules") or 1) != 1:
         raise LmtuneError(f"this PEFT {peft.get('peft_type')} adapter has num_transformer_submodules="
                           f"{peft['num_transformer_submodules']} (a second, decoder-side table); lmtune loads "

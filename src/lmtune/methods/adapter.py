@@ -20,7 +20,7 @@ import re
 from typing import Any, Literal
 
 import torch
-from pydantic import field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from lmtune.errors import LmtuneError
@@ -45,9 +45,9 @@ NONLINEARITIES = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.
 
 class AdapterConfig(MethodConfig):
     name: Literal["adapter"] = "adapter"
-    bottleneck: int | None = None
+    bottleneck: int | None = Field(None, ge=1)
     """Adapter width m; empty means the model width divided by `reduction_factor`."""
-    reduction_factor: int | None = None
+    reduction_factor: int | None = Field(None, ge=1)
     """m = hidden_size // reduction_factor (16 when neither this nor `bottleneck` is set)."""
     nonlinearity: Literal["relu", "gelu", "silu", "tanh"] = "gelu"
     """The non-linearity f between the down- and up-projection."""
@@ -64,13 +64,6 @@ class AdapterConfig(MethodConfig):
     ffn_modules: str | list[str] | None = None
     """Where the feed-forward adapters go (`[mlp]`, or a regex); empty means the known one for the
     architecture. The module's output (a tensor, or a tuple whose first item is one) is adapted."""
-
-    @field_validator("bottleneck", "reduction_factor")
-    @classmethod
-    def _positive(cls, v: int | None) -> int | None:
-        if v is not None and v < 1:
-            raise ValueError("must be >= 1")
-        return v
 
     @field_validator("attention_output_modules", "ffn_modules")
     @classmethod

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import field_validator
+from pydantic import Field, field_validator
 from torch import nn
 
 from lmtune.errors import LmtuneError
@@ -21,7 +21,7 @@ from lmtune.methods import Method, MethodConfig, register
 
 class FreezeConfig(MethodConfig):
     name: Literal["freeze"] = "freeze"
-    last_n_layers: int | None = None
+    last_n_layers: int | None = Field(None, ge=1)
     """Train the last N transformer blocks."""
     patterns: list[str] = []
     """Also train parameters whose names match any of these regexes (searched), e.g. `norm` or `embed_tokens`."""

@@ -20,7 +20,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lmtune.errors import LmtuneError
-from lmtune.methods import Method, MethodConfig, register
+from lmtune.methods import Method, MethodConfig, check_peft_options, register
 from lmtune.methods._targets import (
     DEFAULT_IA3_FEEDFORWARD,
     DEFAULT_IA3_TARGETS,
@@ -148,14 +148,11 @@ def to_peft(cfg: IA3Config, model: nn.Module) -> dict:
             "exclude_modules": None}
 
 
-# PEFT options lmtune does not implement, with the value that means "off".
-_UNSUPPORTED = {"modules_to_save": None, "exclude_modules": None}
+_PEFT_KEYS = frozenset({"target_modules", "feedforward_modules", "init_ia3_weights", "fan_in_fan_out"})
 
 
 def from_peft(peft: dict) -> dict:
-    for key, off in _UNSUPPORTED.items():
-        if peft.get(key, off) not in (off, None, [], {}):
-            raise LmtuneError(f"this PEFT IA3 adapter uses {key}={peft[key]!r}, which lmtune does not support")
+    check_peft_options(peft, _PEFT_KEYS)  # modules_to_save, exclude_modules, ...: refused
     return {"name": "ia3", "target_modules": peft.get("target_modules"),
             "feedforward_modules": peft.get("feedforward_modules"),
             "init": "ones" if peft.get("init_ia3_weights", True) else "random"}

@@ -13,12 +13,12 @@ import math
 from typing import Literal
 
 import torch
-from pydantic import field_validator
+from pydantic import Field, field_validator
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lmtune.errors import LmtuneError
-from lmtune.methods import Method, MethodConfig, register
+from lmtune.methods import Method, MethodConfig, check_peft_options, register
 from lmtune.methods._targets import (
     DEFAULT_LORA_TARGETS,
     in_out_features,
@@ -31,11 +31,11 @@ from lmtune.methods._targets import (
 
 class LoraConfig(MethodConfig):
     name: Literal["lora"] = "lora"
-    r: int = 8
+    r: int = Field(8, ge=1)
     """Rank of the update; the seed suggests 4, 8 or 16."""
-    alpha: float = 16.0
+    alpha: float = Field(16.0, gt=0)
     """Scale numerator: the update is multiplied by alpha / r (alpha / sqrt(r) with rsLoRA)."""
-    dropout: float = 0.0
+    dropout: float = Field(0.0, ge=0, lt=1)
     """Dropout on the LoRA branch's input."""
     target_modules: str | list[str] | None = None
     """Module names (`[q_proj, v_proj]`), a regex matched against full module paths, or `all-linear`;
@@ -45,24 +45,10 @@ class LoraConfig(MethodConfig):
     init: Literal["kaiming", "gaussian", "random"] = "kaiming"
     """Initialisation of A and B (see the module docstring)."""
 
-    @field_validator("r")
-    @classmethod
-    def _positive_rank(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError("must be >= 1")
-        return v
-
     @field_validator("target_modules")
     @classmethod
     def _valid_regex(cls, v: str | list[str] | None) -> str | list[str] | None:
         return valid_targets(v)
-
-    @field_validator("dropout")
-    @classmethod
-    def _dropout_range(cls, v: float) -> float:
-        if not 0.0 <= v < 1.0:
-            raise ValueError("must be in [0, 1)")
-        return v
 
     @property
     def scaling(self) -> float:
@@ -145,16 +131,22 @@ def to_peft(cfg: LoraConfig, model: nn.Module) -> dict:
             "fan_in_fan_out": False, "use_dora": False, "modules_to_save": None}
 
 
-# PEFT options lmtune does not implement yet, with the value that means "off".
-_UNSUPPORTED = {"use_dora": False, "bias": "none", "modules_to_save": None, "rank_pattern": {},
-                "alpha_pattern": {}, "lora_bias": False, "layers_to_transform": None}
+# PEFT keys lmtune reads, or that matter only at initialisation / with an option refused when set (LoftQ, EVA,
+# CorDA, LoRA-GA configs need their init_lora_weights; layers_pattern needs layers_to_transform; QALoRA's group
+# size needs use_qalora; Megatron's and the runtime's settings change no output). Any other key set (DoRA,
+# aLoRA invocation tokens, rank / alpha patterns, layer replication, biases, ...) is refused.
+_PEFT_KEYS = frozenset({"r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "init_lora_weights",
+                        "fan_in_fan_out", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
+                        "layers_pattern", "qalora_group_size", "megatron_core", "runtime_config"})
 
 
 def from_peft(peft: dict) -> dict:
-    for key, off in _UNSUPPORTED.items():
-        if peft.get(key, off) not in (off, None, {}, []):
-            raise LmtuneError(f"this PEFT LoRA adapter uses {key}={peft[key]!r}, which lmtune does not support")
-    init = {str(v): k for k, v in _PEFT_INIT.items()}.get(str(peft.get("init_lora_weights", True)), "kaiming")
+    check_peft_options(peft, _PEFT_KEYS)
+    init = {str(v): k for k, v in _PEFT_INIT.items()}.get(str(peft.get("init_lora_weights", True)))
+    if init is None:  # PiSSA, OLoRA, LoftQ, EVA, ...: the adapter goes with a changed base model
+        raise LmtuneError(f"this PEFT LORA adapter was initialised with init_lora_weights="
+                          f"{peft['init_lora_weights']!r}, which changes the base weights too; lmtune loads adapters "
+                          "of an unchanged base (init_lora_weights true, false or 'gaussian')")
     return {"name": "lora", "r": peft["r"], "alpha": peft.get("lora_alpha", 8), "init": init,
             "dropout": peft.get("lora_dropout", 0.0), "target_modules": peft.get("target_modules"),
             "use_rslora": peft.get("use_rslora", False)}

@@ -18,7 +18,7 @@ import inspect
 from typing import Any, Literal
 
 import torch
-from pydantic import field_validator
+from pydantic import Field
 from torch import nn
 from transformers import DynamicCache, EncoderDecoderCache
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
@@ -44,15 +44,8 @@ GRADIENT_CHECKPOINTING_REFUSAL = ("prefix methods cannot train with gradient che
 
 class PrefixConfig(VirtualTokenConfig):
     name: Literal["prefix"] = "prefix"
-    encoder_hidden_size: int | None = None
+    encoder_hidden_size: int | None = Field(None, ge=1)
     """Hidden size of the reparameterisation MLP; empty means the prefix width (PEFT's default)."""
-
-    @field_validator("encoder_hidden_size")
-    @classmethod
-    def _positive(cls, v: int | None) -> int | None:
-        if v is not None and v < 1:
-            raise ValueError("must be >= 1")
-        return v
 
 
 class PTuningV2Config(VirtualTokenConfig):
@@ -179,7 +172,7 @@ def p_tuning_v2_to_peft(cfg: PTuningV2Config, model: nn.Module) -> dict:
 
 def prefix_from_peft(peft: dict) -> dict:
     """PEFT has one type for both: prefix_projection tells prefix tuning (MLP) from P-tuning v2."""
-    check_peft_submodules(peft)
+    check_peft_submodules(peft, frozenset({"prefix_projection", "encoder_hidden_size", "init_weights"}))
     if peft.get("prefix_projection"):
         return {"name": "prefix", "num_virtual_tokens": peft["num_virtual_tokens"],
                 "encoder_hidden_size": peft.get("encoder_hidden_size")}

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from pydantic import field_validator
+from pydantic import Field, field_validator
 from torch import nn
 
 from lmtune.errors import LmtuneError
@@ -54,19 +54,12 @@ class PTuningConfig(VirtualTokenConfig):
     name: Literal["p-tuning"] = "p-tuning"
     encoder: Literal["mlp", "lstm"] = "mlp"
     """Prompt encoder: `mlp`, or `lstm` (bidirectional LSTM + MLP, as in the P-tuning paper)."""
-    encoder_hidden_size: int | None = None
+    encoder_hidden_size: int | None = Field(None, ge=1)
     """Hidden size of the prompt encoder; empty means the model's hidden size."""
-    encoder_num_layers: int = 2
+    encoder_num_layers: int = Field(2, ge=1)
     """LSTM layers (the MLP always has PEFT's three Linear layers)."""
-    encoder_dropout: float = 0.0
+    encoder_dropout: float = Field(0.0, ge=0, lt=1)
     """Dropout between LSTM layers."""
-
-    @field_validator("encoder_hidden_size", "encoder_num_layers")
-    @classmethod
-    def _positive(cls, v: int | None) -> int | None:
-        if v is not None and v < 1:
-            raise ValueError("must be >= 1")
-        return v
 
 
 class LstmHead(nn.Module):
@@ -169,7 +162,8 @@ def prompt_to_peft(cfg: PromptConfig, model: nn.Module) -> dict:
 
 
 def prompt_from_peft(peft: dict) -> dict:
-    check_peft_submodules(peft)
+    check_peft_submodules(peft, frozenset({"prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path",
+                                           "tokenizer_kwargs"}))  # init only: the file holds the trained prompt
     init = {v: k for k, v in _PEFT_INIT.items()}.get(str(peft.get("prompt_tuning_init")), "random")
     # The file holds the trained prompt; the init only mattered before training.
     return {"name": "prompt", "num_virtual_tokens": peft["num_virtual_tokens"],
@@ -183,7 +177,8 @@ def p_tuning_to_peft(cfg: PTuningConfig, model: nn.Module) -> dict:
 
 
 def p_tuning_from_peft(peft: dict) -> dict:
-    check_peft_submodules(peft)
+    check_peft_submodules(peft, frozenset({"encoder_reparameterization_type", "encoder_hidden_size",
+                                           "encoder_num_layers", "encoder_dropout"}))
     return {"name": "p-tuning", "num_virtual_tokens": peft["num_virtual_tokens"],
             "encoder": str(peft.get("encoder_reparameterization_type", "MLP")).lower(),
             "encoder_hidden_size": peft.get("encoder_hidden_size"),

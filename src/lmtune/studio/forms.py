@@ -10,9 +10,10 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from lmtune.config import RunConfig, apply_override
+from lmtune.config import RunConfig, apply_override, parse_yaml
 from lmtune.errors import LmtuneError
 from lmtune.methods import get_method, method_names
+from lmtune.schema import error_message
 
 GIB = 2**30
 NO_DATA = "(not read by the estimate)"
@@ -37,8 +38,7 @@ def _errors(err: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
     out = []
     for e in err.errors():
         key = ".".join(str(p) for p in (*([prefix] if prefix else []), *e["loc"]))
-        msg = e["msg"].removeprefix("Value error, ")
-        out.append((key, "unknown key" if e["type"] == "extra_forbidden" else msg))
+        out.append((key, "unknown key" if e["type"] == "extra_forbidden" else error_message(e)))
     return out
 
 
@@ -118,7 +118,7 @@ def to_yaml(cfg: RunConfig) -> str:
 
 def from_yaml(text: str) -> RunConfig:
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = parse_yaml(text) or {}
     except yaml.YAMLError as err:
         raise FieldErrors([("", f"not valid YAML ({getattr(err, 'problem', err)})")]) from None
     if not isinstance(raw, dict):
@@ -126,30 +126,62 @@ def from_yaml(text: str) -> RunConfig:
     return _validate(raw, [])
 
 
-class Estimator:
-    """`lmtune estimate` for the form: the same plan and estimate functions, cached, one at a time."""
+class Superseded(LmtuneError):
+    """A newer estimate request arrived; this one's answer would not be shown."""
 
-    def __init__(self) -> None:
-        self._lock, self._cache = threading.Lock(), {}
+
+class Estimator:
+    """`lmtune estimate` for the form: the same plan and estimate functions, cached, one at a time.
+
+    Each estimate is bounded: it stops (at its next traced op) when it runs past `seconds` or when a newer request
+    arrives (the page shows only the newest), so a runaway estimate never keeps the lock from the next one."""
+
+    def __init__(self, seconds: float = 30.0) -> None:
+        self._lock, self._cache, self.seconds = threading.Lock(), {}, seconds
+        self._newest: object | None = None
 
     def __call__(self, cfg: RunConfig) -> dict:
         import dataclasses
+        import time
 
-        from lmtune.memory import estimate
         from lmtune.memory.report import available_memory, plan_from_config
 
         plan = plan_from_config(cfg)
         key = repr(dataclasses.replace(plan, method=cfg.method.model_dump_json()))
-        with self._lock:
+        ticket = self._newest = object()
+        deadline = time.monotonic() + self.seconds
+
+        def check() -> None:
+            if self._newest is not ticket:
+                raise Superseded("superseded by a newer estimate")
+            if time.monotonic() > deadline:
+                raise FieldErrors([("train.batch_size", f"the estimate ran past {self.seconds:g} s and was stopped; "
+                                    "lower train.batch_size or data.max_length")])
+
+        if not self._lock.acquire(timeout=self.seconds):
+            raise LmtuneError("another estimate is still running; try again")
+        try:
             if key not in self._cache:
-                try:
-                    self._cache[key] = estimate(plan).as_dict()
-                except LmtuneError as err:
-                    raise FieldErrors([(_key_of(str(err)) or "model.name", str(err))]) from None
+                self._cache[key] = self._estimate(plan, check)
             est = dict(self._cache[key])
+        finally:
+            self._lock.release()
         free = available_memory(plan.device)
         est["available"], est["device"] = free, plan.device
         if est["per_device"] > free:
             est["warning"] = (f"needs about {est['per_device'] / GIB:.2f} GiB but {plan.device} has "
                               f"{free / GIB:.2f} GiB available: the run would be refused (or set force)")
         return est
+
+    @staticmethod
+    def _estimate(plan, check) -> dict:
+        from lmtune.memory import estimate
+        from lmtune.memory.trace import checked
+
+        try:
+            with checked(check):
+                return estimate(plan).as_dict()
+        except (FieldErrors, Superseded):
+            raise
+        except LmtuneError as err:
+            raise FieldErrors([(_key_of(str(err)) or "model.name", str(err))]) from None
