@@ -9,6 +9,7 @@ import sys
 from typing import NoReturn
 
 from lmtune.errors import LmtuneError
+from lmtune.memory.allocator import configure_allocator
 
 
 class _Parser(argparse.ArgumentParser):
@@ -250,6 +251,7 @@ def _quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    configure_allocator()  # before torch allocates anything: freed tensor memory goes back to the kernel
     parser = _parser(argv)
     args, extra = parser.parse_known_args(argv)
     if extra and not (isinstance(getattr(args, "overrides", None), list) and all("=" in e for e in extra)):

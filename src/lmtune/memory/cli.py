@@ -8,10 +8,12 @@ import json
 import os
 from typing import Any
 
+from lmtune.memory.tasks import TASKS
+
 # Kept free of torch / transformers imports: `lmtune --help` builds this parser.
 _CHOICES = {"precision": ("fp32", "bf16", "fp16", "bf16-mixed", "fp16-mixed"),
             "optimizer": ("adamw", "adamw-8bit", "sgd"), "quantization": ("none", "8bit", "4bit"),
-            "task": ("sft", "dpo"), "device": ("cpu", "cuda")}
+            "task": TASKS, "device": ("cpu", "cuda")}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,7 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", choices=_CHOICES["quantization"], help="8/4-bit frozen base weights")
     p.add_argument("--gradient-checkpointing", action="store_true", default=None)
     p.add_argument("--packing", action="store_true", default=None)
-    p.add_argument("--task", choices=_CHOICES["task"], help="sft, or dpo (policy + reference)")
+    p.add_argument("--task", choices=_CHOICES["task"],
+                   help="sft / pretrain; dpo (pairs + reference), simpo (pairs), reward (pairs, scalar head), "
+                   "grpo (grpo.group_size completions of up to grpo.max_new_tokens per prompt, reference)")
     p.add_argument("--devices", type=int, help="data-parallel devices")
     p.add_argument("--device", choices=_CHOICES["device"], help="where it runs (default: cuda if present)")
     p.add_argument("--json", action="store_true", help="print the estimate as JSON")
