@@ -91,6 +91,9 @@ class Estimate:
     """Activations held between forward and backward (logits included): the part batch and length scale."""
     plan: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    phases: dict[str, int] = field(default_factory=dict)
+    """Tensor bytes at the peak of each phase of the run (the training step; loading the model and sampling
+    completions where they have a term); the largest is the peak."""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -139,7 +142,8 @@ def estimate(plan: MemoryPlan) -> Estimate:
             tuned.reward_head = torch.nn.Linear(getattr(text, "hidden_size", None) or text.n_embd, 1)
         tuned.train()
         step = trace_step(tuned, shape, optimizer=plan.optimizer, autocast_dtype=_AUTOCAST.get(plan.precision),
-                          foreach=plan.device == "cuda", clip=plan.clip_grad, padded=not plan.packing)
+                          foreach=plan.device == "cuda", clip=plan.clip_grad,
+                          padded=not plan.packing and shape.rows > 1)  # one row is never padded: no mask
         trainable, total = tuned.trainable_parameters()
         swaps = formulas.swaps(tuned, plan)
         phases = formulas.other_phases(tuned, plan, config, shape, step, swaps, converts)
@@ -174,8 +178,8 @@ def _breakdown(step: StepTrace, swaps: formulas.Swaps, phases: dict[str, int], p
     gradients = step.gradients_at_peak + swaps.gradients
     peak = (step.peak + step.reference_weights + swaps.weights + swaps.optimizer + swaps.gradients
             + swaps.activations)
-    notes = list(swaps.notes)
-    phase, other = max(phases.items(), key=lambda kv: kv[1], default=("", 0))
+    notes, phases = list(swaps.notes), {"training step": peak, **{k: v for k, v in phases.items() if v}}
+    phase, other = max(phases.items(), key=lambda kv: kv[1])
     if other > peak:  # loading or sampling holds more than the training step: the run's peak is there
         notes.append(f"the peak is {phase} ({other / 2**30:.2f} GiB), above the training step's "
                      f"({peak / 2**30:.2f} GiB); activations here are that phase's transient memory")
@@ -186,7 +190,7 @@ def _breakdown(step: StepTrace, swaps: formulas.Swaps, phases: dict[str, int], p
     return Estimate(weights=weights, gradients=gradients, optimizer=optimizer, activations=activations,
                     overhead=overhead, per_device=per_device, total=per_device * plan.devices,
                     trainable_params=trainable, total_params=total, saved_for_backward=step.saved_for_backward,
-                    plan=_plan_dict(plan), notes=notes)
+                    plan=_plan_dict(plan), notes=notes, phases=phases)
 
 
 def _plan_dict(plan: MemoryPlan) -> dict:

@@ -161,9 +161,19 @@ def sampling_peak(config, shape, held: int, size: int) -> int:
     return held + cache + prefill
 
 
+def checkpoint_peak(tuned: nn.Module, held: int, optimizer: int) -> int:
+    """The training checkpoint written after the last step (`resume.save_checkpoint`): each file is built in
+    memory by `safetensors.torch.save` (a bytes copy of every tensor, then the serialised buffer: twice the
+    file), one file at a time, the largest being the optimizer states or the trainable weights."""
+    trainable = storage_bytes(p for p in tuned.parameters() if p.requires_grad)
+    return held + 2 * max(trainable, optimizer)
+
+
 def other_phases(tuned: nn.Module, plan, config, shape, step, swaps: Swaps, converts: bool) -> dict[str, int]:
-    """Peaks of a run outside its training step: loading the weights, sampling (grpo)."""
-    held = step.weights + swaps.weights + step.reference_weights + step.optimizer + swaps.optimizer
+    """Peaks of a run outside its training step: loading the weights, sampling (grpo), the checkpoint."""
+    optimizer = step.optimizer + swaps.optimizer
+    held = step.weights + swaps.weights + step.reference_weights + optimizer
     size = 4 if plan.precision == "fp32" else 2  # the KV cache and activations: the compute dtype
     return {"loading the model": load_peak(tuned, plan, config, step.weights, converts),
-            "sampling completions": sampling_peak(config, shape, held, size)}
+            "sampling completions": sampling_peak(config, shape, held, size),
+            "saving the checkpoint": checkpoint_peak(tuned, held, optimizer)}
