@@ -47,7 +47,7 @@ CONFIGS = [  # (label, model, task, batch, seq_len, extra overrides)
     ("simpo lora", None, "simpo", 1, 128, ["method=lora"]),
     ("reward lora", None, "reward", 2, 128, ["method=lora"]),
     ("grpo lora", None, "grpo", 2, 128, ["method=lora", "grpo.group_size=4", "grpo.max_new_tokens=32",
-                                        "grpo.reward=lmtune.rewards:answer_format"]),
+                                        "grpo.reward=lmtune.rewards:answer_format", "data.prompt_format=plain"]),
     ("qwen2 untied lora", UNTIED, "sft", 2, 128, ["method=lora"]),
     ("qwen2 untied full", UNTIED, "sft", 2, 128, ["method=full"]),
     ("lora from GGUF", GGUF, "pretrain", 1, 64, ["method=lora"]),
@@ -72,25 +72,31 @@ def write_data(path: Path, task: str, seq_len: int, records: int) -> None:
         elif task in ("dpo", "simpo", "reward"):
             rows.append({"prompt": _text(rng, 4), "chosen": _text(rng, long), "rejected": _text(rng, long)})
         elif task == "grpo":
-            rows.append({"prompt": _text(rng, seq_len // 4)})
+            rows.append({"prompt": _text(rng, seq_len - 4)})  # one token a word, plain format: ~seq_len tokens
         else:
             rows.append({"prompt": _text(rng, 4), "completion": _text(rng, long)})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+def untied_config(vocab: int = 49152):
+    from transformers import Qwen2Config
+
+    return Qwen2Config(vocab_size=vocab, hidden_size=512, intermediate_size=1536, num_hidden_layers=12,
+                       num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096,
+                       tie_word_embeddings=False)
+
+
 def build_untied(directory: Path) -> str:
     """A random Qwen2 (untied lm_head) with the default model's tokenizer, saved as a model directory."""
     import torch
-    from transformers import AutoModelForCausalLM, Qwen2Config
+    from transformers import AutoModelForCausalLM
 
     from lmtune.models import default_model_dir, load_tokenizer
 
     if (directory / "config.json").is_file():
         return str(directory)
     tokenizer = load_tokenizer(str(default_model_dir()))
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=512, intermediate_size=1536, num_hidden_layers=12,
-                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096,
-                         tie_word_embeddings=False)
+    config = untied_config(len(tokenizer))
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
@@ -164,11 +170,13 @@ def measure_rows(args: argparse.Namespace, chosen: list[tuple], tmp: Path) -> li
         started = time.perf_counter()
         peak, _ = _peak_rss([sys.executable, "-m", "lmtune.cli", "train", *items], env)
         summary = json.loads((tmp / f"run-{i}" / "summary.json").read_text())
+        logged = [json.loads(x) for x in (tmp / f"run-{i}" / "metrics.jsonl").read_text().splitlines() if x.strip()]
         rows.append({"label": label, "model": {UNTIED: "qwen2 untied (random)", GGUF: "SmolLM2-135M GGUF"}.get(model, "SmolLM2-135M"),
                      "task": task, "batch": batch, "seq_len": seq_len, "overrides": row[5], "items": items,
                      "measured": peak - base, "baseline": base, "process_peak": peak,
                      "summary_predicted": summary.get("predicted_peak_bytes"),
-                     "summary_measured": summary.get("peak_memory_bytes"), "seconds": time.perf_counter() - started})
+                     "summary_measured": summary.get("measured_peak_bytes"), "seconds": time.perf_counter() - started,
+                     "completion_length": [r["completion_length"] for r in logged if "completion_length" in r]})
         add_prediction(rows[-1])
         print(_line(rows[-1]), flush=True)
         if args.json:  # after every row: a long run interrupted keeps what it measured
@@ -198,9 +206,13 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     if args.predict_only:
         rows = json.loads(Path(args.predict_only).read_text())
-        for row in rows:
-            add_prediction(row)
-            print(_line(row), flush=True)
+        with tempfile.TemporaryDirectory(prefix="lmtune-memacc-") as tmp:
+            untied_config().save_pretrained(tmp)  # the estimate reads the config only
+            for row in rows:
+                row["items"] = [f"model.name={tmp}" if i.startswith("model.name=") and "qwen2-untied" in i else i
+                                for i in row["items"]]
+                add_prediction(row)
+                print(_line(row), flush=True)
     else:
         chosen = [CONFIGS[i] for i in args.only] if args.only else CONFIGS
         with tempfile.TemporaryDirectory(prefix="lmtune-memacc-") as tmp:
