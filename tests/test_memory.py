@@ -333,3 +333,12 @@ def test_summary_keeps_predicted_and_measured_peaks(model_dir, tmp_path):
     error = 100 * (summary["predicted_peak_bytes"] - summary["measured_peak_bytes"]) / summary["measured_peak_bytes"]
     assert summary["peak_error_pct"] == pytest.approx(error, abs=0.06)
     assert "| peak vs estimate |" in (tmp_path / "run" / "summary.md").read_text()
+
+
+def test_one_unpadded_row_runs_attention_without_a_mask(model_dir):
+    """A batch of one row has no padding: transformers skips the attention mask (SDPA is_causal), and the trace
+    must not count the s x s mask and its per-layer float copy that fake tensors would otherwise make it build."""
+    ids = torch.randint(3, 300, (1, 96))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    predicted = estimate(MemoryPlan(model=model_dir, method="lora", batch_size=1, seq_len=96)).phases["training step"]
+    assert predicted == pytest.approx(_real_step_peak(model_dir, "lora", batch=batch), rel=0.03)

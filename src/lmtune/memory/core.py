@@ -143,7 +143,8 @@ def estimate(plan: MemoryPlan) -> Estimate:
         tuned.train()
         step = trace_step(tuned, shape, optimizer=plan.optimizer, autocast_dtype=_AUTOCAST.get(plan.precision),
                           foreach=plan.device == "cuda", clip=plan.clip_grad,
-                          padded=not plan.packing and shape.rows > 1)  # one row is never padded: no mask
+                          padded=not plan.packing and shape.rows > 1,  # one row is never padded: no mask
+                          packed=plan.packing)
         trainable, total = tuned.trainable_parameters()
         swaps = formulas.swaps(tuned, plan)
         phases = formulas.other_phases(tuned, plan, config, shape, step, swaps, converts)

@@ -111,6 +111,23 @@ def keep_positions(model: torch.nn.Module, count: int) -> Iterator[None]:
             m.slice_logits_to_keep = original
 
 
+@contextlib.contextmanager
+def one_sequence_per_row(active: bool) -> Iterator[None]:
+    """Rows with no padding and no packing hold one sequence each. transformers checks that on the position ids
+    to skip the attention mask (SDPA runs `is_causal`); fake tensors have no values, so it would assume packing
+    and build an s x s mask, with a float copy per layer in SDPA (16 MiB a layer at 2,048 tokens), which the
+    real run never allocates."""
+    from transformers import masking_utils
+
+    original = masking_utils.find_packed_sequence_indices
+    if active:
+        masking_utils.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        masking_utils.find_packed_sequence_indices = original
+
+
 def token_logps_loss(model: torch.nn.Module, input_ids: torch.Tensor, keep: torch.Tensor, count: int,
                      autocast: contextlib.AbstractContextManager, padded: bool = True) -> torch.Tensor:
     """The SFT objective's memory path: LM head on the kept positions, fp32 cross-entropy summed.
@@ -137,9 +154,10 @@ def _optimizer(params: list[torch.nn.Parameter], name: str, foreach: bool) -> to
 
 
 def trace_step(model: torch.nn.Module, shape: StepShape, *, optimizer: str, autocast_dtype: torch.dtype | None,
-               foreach: bool, clip: bool, padded: bool = True) -> StepTrace:
+               foreach: bool, clip: bool, padded: bool = True, packed: bool = False) -> StepTrace:
     """Trace the second training step of `model` (already built under FakeTensorMode, method applied) on one
-    micro-batch of `shape` (tasks.py): forward, loss, backward, clipping, the optimizer step."""
+    micro-batch of `shape` (tasks.py): forward, loss, backward, clipping, the optimizer step. `padded`: the
+    rows carry padding (an attention mask); `packed`: several sequences per row (restarting position ids)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     for p in trainable:  # optimizer state is created by the first step; the peak is a later one
         p.grad = torch.zeros_like(p)
@@ -163,7 +181,7 @@ def trace_step(model: torch.nn.Module, shape: StepShape, *, optimizer: str, auto
     autocast = (torch.autocast(device, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
     count = shape.rows * shape.labelled
-    with tracker, keep_positions(model, count):
+    with tracker, keep_positions(model, count), one_sequence_per_row(not padded and not packed):
         input_ids = torch.zeros(shape.rows, shape.seq_len, dtype=torch.long, device=device)
         keep = torch.zeros(shape.rows, shape.seq_len, dtype=torch.bool, device=device)
         if shape.score_head:
