@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from lmtune.errors import LmtuneError, os_error_line
+from lmtune.memory.allocator import configure_allocator
 from lmtune.runlock import check_new_path
 
 
@@ -270,6 +271,7 @@ def _quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    configure_allocator()  # before torch allocates anything: freed tensor memory goes back to the kernel
     parser = _parser(argv)
     args, extra = parser.parse_known_args(argv)
     if extra and not (isinstance(getattr(args, "overrides", None), list) and all("=" in e for e in extra)):

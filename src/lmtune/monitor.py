@@ -105,6 +105,10 @@ def summary_markdown(cfg: RunConfig, summary: dict[str, Any], rows: list[dict], 
     ]
     if "peak_memory_bytes" in summary:
         lines.append(f"| peak memory | {_gib(summary['peak_memory_bytes'])} ({summary['peak_memory_of']}) |")
+    if "peak_error_pct" in summary:
+        lines.append(f"| peak vs estimate | {_gib(summary['measured_peak_bytes'])} measured "
+                     f"({summary['measured_peak_of']}), {_gib(summary['predicted_peak_bytes'])} predicted "
+                     f"({summary['peak_error_pct']:+.1f}%) |")
     if losses:
         lines.append(f"| train loss | {losses[0]:.4f} (first step) -> {losses[-1]:.4f} (last step) |")
     if evals:

@@ -225,6 +225,7 @@ def _run(cfg: RunConfig, lock: RunLock) -> dict:
     summary["effective_batch"] = t.batch_size * t.grad_accum * world
     summary["eval_examples"] = len(eval_set)
     summary.update(peak_memory(accelerator.device))
+    summary.update(memory_report.check(accelerator.device))  # the measured peak next to the prediction
     unwrapped: TunedModel = accelerator.unwrap_model(tuned)
     summary["trainable_params"], summary["total_params"] = unwrapped.trainable_parameters()
     accelerator.wait_for_everyone()

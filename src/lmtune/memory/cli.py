@@ -11,7 +11,7 @@ from typing import Any
 # Kept free of torch / transformers imports: `lmtune --help` builds this parser.
 _CHOICES = {"precision": ("fp32", "bf16", "fp16", "bf16-mixed", "fp16-mixed"),
             "optimizer": ("adamw", "adamw-8bit", "sgd"), "quantization": ("none", "8bit", "4bit"),
-            "task": ("sft", "dpo"), "device": ("cpu", "cuda")}
+            "device": ("cpu", "cuda")}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,7 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", choices=_CHOICES["quantization"], help="8/4-bit frozen base weights")
     p.add_argument("--gradient-checkpointing", action="store_true", default=None)
     p.add_argument("--packing", action="store_true", default=None)
-    p.add_argument("--task", choices=_CHOICES["task"], help="sft, or dpo (policy + reference)")
+    p.add_argument("--task", help="the run's task (as task=...): sft / pretrain; dpo (pairs + reference), simpo "
+                   "and orpo (pairs), kto (completions + mismatched rows, reference), reward (pairs, scalar head), "
+                   "grpo (grpo.group_size completions of up to grpo.max_new_tokens per prompt, reference)")
     p.add_argument("--devices", type=int, help="data-parallel devices")
     p.add_argument("--device", choices=_CHOICES["device"], help="where it runs (default: cuda if present)")
     p.add_argument("--json", action="store_true", help="print the estimate as JSON")
@@ -43,6 +45,8 @@ def _run_config(args: argparse.Namespace):
         config, overrides = None, [config, *overrides]
     if args.method:
         overrides.insert(0, f"method.name={args.method}")
+    if args.task:  # through the config, so the task registry names the step it traces
+        overrides.insert(0, f"task={args.task}")
     if config is not None:
         return load_config(config, overrides)
     raw: dict[str, Any] = {"data": {"train": "(not read by lmtune estimate)"}}
@@ -61,7 +65,7 @@ def run(args: argparse.Namespace) -> None:
                              "labelled_fraction": args.labelled_fraction, "precision": args.precision,
                              "optimizer": args.optimizer, "quantization": args.quantization,
                              "gradient_checkpointing": args.gradient_checkpointing, "packing": args.packing,
-                             "task": args.task, "devices": args.devices, "device": args.device}
+                             "devices": args.devices, "device": args.device}
     plan = dataclasses.replace(plan, **{k: v for k, v in flags.items() if v is not None})
     est = estimate(plan)
     print(json.dumps(est.as_dict(), indent=2) if args.json else format_estimate(est))

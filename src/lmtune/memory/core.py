@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from lmtune.errors import LmtuneError
 from lmtune.memory import formulas
+from lmtune.memory.tasks import SHAPES, TASKS
 from lmtune.memory.trace import StepTrace, trace_step
 from lmtune.models import GGUF_ERRORS
 from lmtune.tasks import reference as ref
@@ -55,8 +56,16 @@ class MemoryPlan:
     gradient_checkpointing: bool = False
     packing: bool = False
     """Packed sequences: no padding, so no attention mask and every position is labelled text."""
-    task: Literal["sft", "dpo"] = "sft"
-    """dpo: chosen + rejected per pair, plus a reference forward pass."""
+    task: Literal["sft", "pretrain", "dpo", "simpo", "reward", "grpo"] = "sft"
+    """What each micro-batch is: sft / pretrain rows; dpo, simpo, reward chosen + rejected pairs (dpo with a
+    reference pass, reward through a scalar head); grpo `group_size` sampled completions per prompt
+    (see tasks.py)."""
+    group_size: int = 4
+    """grpo: completions per prompt (grpo.group_size)."""
+    max_new_tokens: int = 64
+    """grpo: longest completion (grpo.max_new_tokens), after a prompt of up to `seq_len` tokens."""
+    kl_beta: float = 0.04
+    """grpo: KL weight (grpo.beta); not 0 means a reference, a frozen copy for full / freeze."""
     devices: int = 1
     """Data-parallel devices; each holds a replica and `batch_size` sequences."""
     device: Literal["cpu", "cuda"] = "cpu"
@@ -84,6 +93,9 @@ class Estimate:
     """Activations held between forward and backward (logits included): the part batch and length scale."""
     plan: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    phases: dict[str, int] = field(default_factory=dict)
+    """Tensor bytes at the peak of each phase of the run (the training step; loading the model and sampling
+    completions where they have a term); the largest is the peak."""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -114,13 +126,13 @@ def estimate(plan: MemoryPlan) -> Estimate:
     from lmtune.tuned import apply
 
     _check(plan)
+    converts = formulas.converts_gguf(plan.model)  # before the config is read: that converts the default model
     config = load_model_config(plan.model, plan.trust_remote_code)
     notes = []
     limit = position_limit(config)
     if limit is not None and plan.seq_len > limit:  # no run gets longer rows: check_lengths refuses them
         notes.append(f"sequence length {plan.seq_len} capped at the model's {limit} positions")
         plan = replace(plan, seq_len=limit)
-    labelled = max(1, round((1.0 if plan.packing else plan.labelled_fraction) * (plan.seq_len - 1)))
     with FakeTensorMode(allow_non_fake_inputs=True):
         model = AutoModelForCausalLM.from_config(config, dtype=_WEIGHT_DTYPE[plan.precision],
                                                  trust_remote_code=plan.trust_remote_code)
@@ -132,19 +144,20 @@ def estimate(plan: MemoryPlan) -> Estimate:
                               "use lora (QLoRA) or another adapter method with a quantized base")
         if plan.gradient_checkpointing:
             _enable_checkpointing(model)
+        shape = SHAPES[plan.task](plan, ref.can_switch_off(tuned))
+        if shape.score_head:  # rl.reward_model.attach_head's Linear(hidden, 1), without its device move
+            text = config.get_text_config() if hasattr(config, "get_text_config") else config
+            tuned.reward_head = torch.nn.Linear(getattr(text, "hidden_size", None) or text.n_embd, 1)
         tuned.train()
-        reference = None
-        if plan.task == "dpo":
-            # The estimate keeps the frozen-copy bound where training would cache the reference log-probs.
-            reference = "switch" if ref.kind(model, cacheable=False) == "switch" else "copy"
-        step = trace_step(tuned, batch_size=plan.batch_size, seq_len=plan.seq_len, labelled=labelled,
-                          optimizer=plan.optimizer, autocast_dtype=_AUTOCAST.get(plan.precision),
-                          foreach=plan.device == "cuda", clip=plan.clip_grad, reference=reference,
-                          padded=not plan.packing)
+        step = trace_step(tuned, shape, optimizer=plan.optimizer, autocast_dtype=_AUTOCAST.get(plan.precision),
+                          foreach=plan.device == "cuda", clip=plan.clip_grad,
+                          padded=not plan.packing and shape.rows > 1,  # one row is never padded: no mask
+                          packed=plan.packing)
         trainable, total = tuned.trainable_parameters()
         swaps = formulas.swaps(tuned, plan)
+        phases = formulas.other_phases(tuned, plan, config, shape, step, swaps, converts)
     swaps.notes[:0] = notes
-    return _breakdown(step, swaps, plan, trainable, total)
+    return _breakdown(step, swaps, phases, plan, trainable, total)
 
 
 def _enable_checkpointing(model) -> None:
@@ -160,25 +173,34 @@ def _check(plan: MemoryPlan) -> None:
                                  ("quantization", plan.quantization, QUANTIZATIONS)):
         if value not in allowed:
             raise LmtuneError(f"unknown {name} '{value}'; choose one of: {', '.join(allowed)}")
-    if plan.batch_size < 1 or plan.seq_len < 2 or plan.devices < 1:
+    if plan.task not in TASKS:
+        raise LmtuneError(f"unknown task '{plan.task}'; choose one of: {', '.join(TASKS)}")
+    if plan.batch_size < 1 or plan.seq_len < 2 or plan.devices < 1 or plan.group_size < 1 or plan.max_new_tokens < 1:
         raise LmtuneError("batch size and devices must be >= 1 and the sequence length >= 2")
     if not 0.0 < plan.labelled_fraction <= 1.0:
         raise LmtuneError(f"labelled fraction must be in (0, 1] (got {plan.labelled_fraction})")
 
 
-def _breakdown(step: StepTrace, swaps: formulas.Swaps, plan: MemoryPlan, trainable: int, total: int) -> Estimate:
+def _breakdown(step: StepTrace, swaps: formulas.Swaps, phases: dict[str, int], plan: MemoryPlan, trainable: int,
+               total: int) -> Estimate:
     weights = step.weights + step.reference_weights + swaps.weights
     optimizer = step.optimizer + swaps.optimizer
     gradients = step.gradients_at_peak + swaps.gradients
     peak = (step.peak + step.reference_weights + swaps.weights + swaps.optimizer + swaps.gradients
             + swaps.activations)
-    activations = peak - weights - optimizer - gradients
+    notes, phases = list(swaps.notes), {"training step": peak, **{k: v for k, v in phases.items() if v}}
+    phase, other = max(phases.items(), key=lambda kv: kv[1])
+    if other > peak:  # loading or sampling holds more than the training step: the run's peak is there
+        notes.append(f"the peak is {phase} ({other / 2**30:.2f} GiB), above the training step's "
+                     f"({peak / 2**30:.2f} GiB); activations here are that phase's transient memory")
+        peak, gradients = other, 0
+    activations = max(0, peak - weights - optimizer - gradients)
     overhead = formulas.overhead(plan.device, peak)
     per_device = peak + overhead
     return Estimate(weights=weights, gradients=gradients, optimizer=optimizer, activations=activations,
                     overhead=overhead, per_device=per_device, total=per_device * plan.devices,
                     trainable_params=trainable, total_params=total, saved_for_backward=step.saved_for_backward,
-                    plan=_plan_dict(plan), notes=swaps.notes)
+                    plan=_plan_dict(plan), notes=notes, phases=phases)
 
 
 def _plan_dict(plan: MemoryPlan) -> dict:

@@ -95,3 +95,85 @@ def overhead(device: str, tensor_peak: int) -> int:
     if device == "cuda":
         return CUDA_CONTEXT + int(CUDA_ALLOCATOR_SHARE * tensor_peak)
     return CPU_OVERHEAD + int(CPU_OVERHEAD_SHARE * tensor_peak)
+
+
+def converts_gguf(model: str | None) -> bool:
+    """Whether loading `model` dequantises a GGUF file: a .gguf path, or the default model before its first
+    conversion (`lmtune.models.default_model_dir`)."""
+    if model is not None:
+        return str(model).endswith(".gguf")
+    from lmtune.models import DEFAULT_MODEL, cache_dir
+
+    return not (cache_dir() / "models" / DEFAULT_MODEL / "config.json").is_file()
+
+
+def _gguf_file_bytes(model: str | None) -> int:
+    import importlib.util
+    import os
+
+    from lmtune import models
+
+    if model is None:
+        spec = importlib.util.find_spec(models._DEFAULT_PACKAGE)
+        if spec is None or not spec.submodule_search_locations:
+            return 0
+        model = os.path.join(list(spec.submodule_search_locations)[0], models._DEFAULT_GGUF)
+    return os.path.getsize(model) if os.path.isfile(model) else 0
+
+
+def load_peak(tuned: nn.Module, plan, config, weights: int, converts: bool) -> int:
+    # `weights`: the traced model's weights (unquantized, in the load dtype).
+    """Bytes held while the weights load, when that exceeds holding them.
+
+    - GGUF (`models._load_gguf`): transformers dequantises the file into a model, which is copied into a
+      model rebuilt from the config: two sets of weights, plus the file's pages, mapped while it is read.
+    - 8/4-bit (bitsandbytes through transformers): the quantizer reads every quantized Linear's weight from
+      the mapped safetensors file (its pages stay resident while the file is mapped), and
+      `models._own_float_tensors` then copies the unquantized rest (embeddings, norms) out of the mapping:
+      source pages of the quantized Linears + the quantized weights + the rest twice.
+    A plain safetensors load maps the file and copies nothing: no term.
+    """
+    if converts:
+        return 2 * weights + _gguf_file_bytes(plan.model)
+    if plan.quantization == "none":
+        return 0
+    bits = 4 if plan.quantization == "4bit" else 8
+    linears = _quantized_linears(tuned)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    source_size = getattr(torch, str(dtype).removeprefix("torch."), torch.float32).itemsize if dtype else 4
+    source = sum(m.weight.numel() * source_size for m in linears)
+    rest = weights - storage_bytes(m.weight for m in linears)
+    return source + sum(quantized_bytes(m.weight, bits) for m in linears) + 2 * rest
+
+
+def sampling_peak(config, shape, held: int, size: int) -> int:
+    """GRPO's sampling phase: what is `held` (weights, a reference copy, optimizer states) + the KV cache of
+    every completion + one layer's prefill activations (no graph: nothing is saved), `size` bytes a value."""
+    if not shape.generation_tokens:
+        return 0
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    cache = shape.generation_tokens * text.num_hidden_layers * 2 * kv_heads * head_dim * size
+    intermediate = getattr(text, "intermediate_size", None) or 4 * text.hidden_size
+    prefill = shape.generation_tokens * (4 * text.hidden_size + 3 * intermediate) * size
+    return held + cache + prefill
+
+
+def checkpoint_peak(tuned: nn.Module, held: int, optimizer: int) -> int:
+    """The training checkpoint written after the last step (`resume.save_checkpoint`): each file is built in
+    memory by `safetensors.torch.save` (a bytes copy of every tensor, then the serialised buffer: twice the
+    file), one file at a time, the largest being the optimizer states or the trainable weights."""
+    trainable = storage_bytes(p for p in tuned.parameters() if p.requires_grad)
+    return held + 2 * max(trainable, optimizer)
+
+
+def other_phases(tuned: nn.Module, plan, config, shape, step, swaps: Swaps, converts: bool) -> dict[str, int]:
+    """Peaks of a run outside its training step: loading the weights, sampling (grpo), the checkpoint."""
+    optimizer = step.optimizer + swaps.optimizer
+    held = step.weights + swaps.weights + step.reference_weights + optimizer
+    size = 4 if plan.precision == "fp32" else 2  # the KV cache and activations: the compute dtype
+    return {"loading the model": load_peak(tuned, plan, config, step.weights, converts),
+            "sampling completions": sampling_peak(config, shape, held, size),
+            "saving the checkpoint": checkpoint_peak(tuned, held, optimizer)}

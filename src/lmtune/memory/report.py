@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from lmtune.errors import LmtuneError
+from lmtune.memory.allocator import configure_allocator
 from lmtune.memory.core import _MODEL_DTYPE_PRECISION, Estimate, MemoryPlan, estimate
 from lmtune.tasks import get_task
 
@@ -69,7 +72,8 @@ def plan_from_config(cfg) -> MemoryPlan:
         gradient_checkpointing=bool(getattr(train, "gradient_checkpointing", False)),
         quantization=getattr(model, "quantization", None) or "none",
         packing=bool(getattr(data, "packing", False)),
-        task=get_task(cfg.task).memory_task, device=device,
+        task=get_task(cfg.task).memory_shape, group_size=cfg.grpo.group_size,
+        max_new_tokens=cfg.grpo.max_new_tokens, kl_beta=cfg.grpo.beta, device=device,
         devices=int(os.environ.get("WORLD_SIZE", "1")), clip_grad=train.max_grad_norm is not None,
         trust_remote_code=model.trust_remote_code)
 
@@ -91,19 +95,73 @@ def suggestions(plan: MemoryPlan, cfg) -> list[str]:
     return out
 
 
-def preflight(cfg) -> str:
+@dataclass
+class Preflight:
+    """The pre-flight estimate of a run, and where its memory stood when it started (for `check` at the end)."""
+
+    text: str
+    """The report to log."""
+    predicted: int | None = None
+    """The peak the measurement is compared with: the whole estimate on CPU (resident set above the start),
+    the tensor part on CUDA (what `torch.cuda.max_memory_allocated` counts)."""
+    start: int = 0
+    """Resident bytes of this process when the run started (CPU)."""
+
+    def __str__(self) -> str:
+        return self.text
+
+    def check(self, device: torch.device) -> dict:
+        """The measured peak next to the prediction: logged, and returned for summary.json."""
+        if device.type == "cuda":
+            measured, of = torch.cuda.max_memory_allocated(device), "cuda allocated"
+        else:
+            measured, of = resident_bytes("VmHWM") - self.start, "process resident set above the run's start"
+        out = {"measured_peak_bytes": measured, "measured_peak_of": of, "predicted_peak_bytes": self.predicted}
+        if self.predicted and measured > 0:
+            out["peak_error_pct"] = round(100 * (self.predicted - measured) / measured, 1)
+            logging.getLogger("lmtune").info("peak memory: %.2f GiB measured (%s), %.2f GiB predicted (%+.1f%%)",
+                                             measured / GIB, of, self.predicted / GIB, out["peak_error_pct"])
+        return out
+
+
+def resident_bytes(key: str) -> int:
+    """VmRSS (now) or VmHWM (peak) of this process from /proc; ru_maxrss where there is no /proc."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+def _reset_peak() -> None:
+    """Start VmHWM over at the current resident set, so that a run measures its own peak (Linux >= 4.0)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # no reset: the peak may include an earlier run's in this process
+
+
+def preflight(cfg) -> Preflight:
     """Estimate `cfg`'s run and refuse it (LmtuneError) when it will not fit, unless `force`.
 
     Runs before anything is loaded; returns the report for the caller to log once the data has loaded
-    (a bad record must fail as one line, with nothing logged before it).
+    (a bad record must fail as one line, with nothing logged before it), and to `check` at the end.
+    Sets the allocator up first (allocator.py), so that the process's peak is the one estimated.
     """
-    plan = plan_from_config(cfg)
+    configure_allocator()
+    _reset_peak()
+    start, plan = resident_bytes("VmRSS"), plan_from_config(cfg)
     try:
         est = estimate(plan)
     except Exception as err:  # noqa: BLE001  (the estimator must never be the reason a run cannot start;
         # a wrong model name is reported by the loader that follows, a model fake tensors cannot run here)
-        return ("memory estimate unavailable "
-                f"({str(err).splitlines()[0] if str(err) else type(err).__name__}); no pre-flight check")
+        return Preflight("memory estimate unavailable "
+                         f"({str(err).splitlines()[0] if str(err) else type(err).__name__}); no pre-flight check", start=start)
     text = (format_estimate(est)
             + "\n  (sequences padded to data.max_length, every position labelled: the worst case)")
     free = available_memory(plan.device)
@@ -114,4 +172,4 @@ def preflight(cfg) -> str:
         if not getattr(cfg, "force", False):
             raise LmtuneError(message)
         text += "\n" + message.replace(", or set force=true to train anyway", "; training anyway (force=true)")
-    return text
+    return Preflight(text, est.per_device - est.overhead if plan.device == "cuda" else est.per_device, start)

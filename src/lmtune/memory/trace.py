@@ -21,6 +21,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary, weakref
 
 from lmtune.head import hidden_states_for_head
+from lmtune.memory.tasks import StepShape
 
 _CHECK: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar("lmtune_trace_check", default=None)
 
@@ -89,7 +90,7 @@ class StepTrace:
     saved_for_backward: int
     """Activations alive after the forward pass and the loss (what backward will read), logits included."""
     reference_weights: int = 0
-    """A frozen reference copy (DPO with a method that cannot switch itself off)."""
+    """A frozen reference copy (GRPO with a method that cannot switch itself off)."""
 
 
 def storage_bytes(tensors: Iterator[torch.Tensor]) -> int:
@@ -127,6 +128,23 @@ def keep_positions(model: torch.nn.Module, count: int) -> Iterator[None]:
             m.slice_logits_to_keep = original
 
 
+@contextlib.contextmanager
+def one_sequence_per_row(active: bool) -> Iterator[None]:
+    """Rows with no padding and no packing hold one sequence each. transformers checks that on the position ids
+    to skip the attention mask (SDPA runs `is_causal`); fake tensors have no values, so it would assume packing
+    and build an s x s mask, with a float copy per layer in SDPA (16 MiB a layer at 2,048 tokens), which the
+    real run never allocates."""
+    from transformers import masking_utils
+
+    original = masking_utils.find_packed_sequence_indices
+    if active:
+        masking_utils.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        masking_utils.find_packed_sequence_indices = original
+
+
 def token_logps_loss(model: torch.nn.Module, input_ids: torch.Tensor, keep: torch.Tensor, count: int,
                      autocast: contextlib.AbstractContextManager, padded: bool = True) -> torch.Tensor:
     """The SFT objective's memory path: LM head on the kept positions, fp32 cross-entropy summed.
@@ -152,14 +170,11 @@ def _optimizer(params: list[torch.nn.Parameter], name: str, foreach: bool) -> to
     return torch.optim.AdamW(params, lr=1e-3, foreach=foreach)  # 8-bit AdamW: fp32 traced, bytes swapped later
 
 
-def trace_step(model: torch.nn.Module, *, batch_size: int, seq_len: int, labelled: int, optimizer: str,
-               autocast_dtype: torch.dtype | None, foreach: bool, clip: bool, reference: str | None,
-               padded: bool = True) -> StepTrace:
-    """Trace the second training step of `model` (already built under FakeTensorMode, method applied).
-
-    `labelled`: positions per sequence that carry loss (they go through the LM head). `reference`: None,
-    "switch" (DPO reference = the same model with the method switched off) or "copy" (a frozen copy).
-    """
+def trace_step(model: torch.nn.Module, shape: StepShape, *, optimizer: str, autocast_dtype: torch.dtype | None,
+               foreach: bool, clip: bool, padded: bool = True, packed: bool = False) -> StepTrace:
+    """Trace the second training step of `model` (already built under FakeTensorMode, method applied) on one
+    micro-batch of `shape` (tasks.py): forward, loss, backward, clipping, the optimizer step. `padded`: the
+    rows carry padding (an attention mask); `packed`: several sequences per row (restarting position ids)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     for p in trainable:  # optimizer state is created by the first step; the peak is a later one
         p.grad = torch.zeros_like(p)
@@ -182,15 +197,16 @@ def trace_step(model: torch.nn.Module, *, batch_size: int, seq_len: int, labelle
     device = trainable[0].device.type if trainable else "cpu"
     autocast = (torch.autocast(device, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
-    rows = batch_size * (2 if reference else 1)  # DPO: chosen and rejected of every pair
-    with tracker, keep_positions(model, rows * labelled):
-        input_ids = torch.zeros(rows, seq_len, dtype=torch.long, device=device)
-        keep = torch.zeros(rows, seq_len, dtype=torch.bool, device=device)
-        if reference:
-            ref_logps = _reference_logps(model, input_ids, keep, rows * labelled, autocast, reference, padded)
-        loss = token_logps_loss(model, input_ids, keep, rows * labelled, autocast, padded)
-        if reference:
-            loss = loss + ref_logps.sum()
+    count = shape.rows * shape.labelled
+    with tracker, keep_positions(model, count), one_sequence_per_row(not padded and not packed):
+        input_ids = torch.zeros(shape.rows, shape.seq_len, dtype=torch.long, device=device)
+        keep = torch.zeros(shape.rows, shape.seq_len, dtype=torch.bool, device=device)
+        if shape.score_head:
+            loss = _score_loss(model, input_ids, autocast)
+        else:  # the policy's forward first: a reference pass runs while its graph is alive (objectives.dpo_loss)
+            loss = token_logps_loss(model, input_ids, keep, count, autocast, padded)
+        if shape.reference:
+            loss = loss + _reference_logps(model, input_ids, keep, count, autocast, padded).sum()
         saved = tracker.live
         loss.backward()
         del loss
@@ -201,12 +217,21 @@ def trace_step(model: torch.nn.Module, *, batch_size: int, seq_len: int, labelle
     opt_bytes = storage_bytes(state)
     return StepTrace(peak=tracker.peak, weights=weights, optimizer=opt_bytes, gradients_at_peak=grads_at_peak[0],
                      saved_for_backward=saved - weights - opt_bytes,
-                     reference_weights=weights if reference == "copy" else 0)
+                     reference_weights=weights if shape.copy_weights else 0)
 
 
-def _reference_logps(model, input_ids, keep, count, autocast, reference: str, padded: bool) -> torch.Tensor:
-    """DPO's reference pass: no graph, only per-token log-probabilities survive."""
-    switches = [m for m in model.modules() if hasattr(m, "disabled")] if reference == "switch" else []
+def _score_loss(model, input_ids, autocast) -> torch.Tensor:
+    """The reward model's path: the body's last hidden states, the scalar head on each row's last token."""
+    from lmtune.rl.reward_model import scores
+
+    with autocast:
+        return scores(model, input_ids, torch.ones_like(input_ids)).sum()
+
+
+def _reference_logps(model, input_ids, keep, count, autocast, padded: bool) -> torch.Tensor:
+    """The reference pass (DPO, GRPO): the model with its method switched off, no graph; only per-token
+    log-probabilities survive."""
+    switches = [m for m in model.modules() if hasattr(m, "disabled")]
     for m in switches:
         m.disabled = True
     try:

@@ -88,8 +88,13 @@ class Task:
     """(cfg, tokenizer, count) -> `lmtune data preview`'s text; None: records tokenised, trained-on tokens marked."""
     one_process: bool = False
     """Refuse torchrun / accelerate launch with several processes."""
-    memory_task: Literal["sft", "dpo"] = "sft"
-    """The step the memory estimator traces: one row per example (sft) or pairs plus a reference pass (dpo)."""
+    memory_task: str | None = None
+    """The step the memory estimator traces, a name in `memory.tasks.SHAPES` (rows, lengths, reference pass,
+    sampling); None: the task's own name."""
+
+    @property
+    def memory_shape(self) -> str:
+        return self.memory_task or self.name
 
 
 _REGISTRY: dict[str, Task] = {}

@@ -62,4 +62,5 @@ def _beta(cfg) -> float:
 register(Task(
     name="orpo", summary="SFT + odds-ratio preference loss, no reference model (preference.beta = lambda); eval "
     "reports loss, rewards, accuracy, nll and log odds ratio",
-    objective=lambda cfg: functools.partial(orpo_loss, beta=_beta(cfg)), section="preference", records="pairs"))
+    objective=lambda cfg: functools.partial(orpo_loss, beta=_beta(cfg)), section="preference", records="pairs",
+    memory_task="simpo"))  # chosen + rejected through the LM head, no reference
