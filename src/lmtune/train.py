@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from lmtune.checkpoint import RUN_INFO, save
 from lmtune.config import RunConfig, TrainConfig, dump_config
-from lmtune.data import TokenStats, collate, collate_pairs
+from lmtune.data import TokenStats, collate, collate_pairs, preserve
 from lmtune.data.pack import collate_packed, pack, packing_works
 from lmtune.data.pipeline import load_data
 from lmtune.errors import LmtuneError
@@ -235,6 +235,7 @@ def _run(cfg: RunConfig, lock: RunLock) -> dict:
                                   quant_type=m.quant_type, double_quant=m.double_quant)
     # Data before anything is logged or written: a bad record fails as one line and leaves no directory.
     train_set, eval_set, stats = _load_data(cfg, tokenizer)
+    train_set, guard = preserve.mix(cfg, model, tokenizer, train_set)  # data.preserve: the base model's answers
     check_lengths(train_set + eval_set, model)
     # Seeded after loading: a first-use conversion of the default model draws random numbers.
     set_seed(cfg.train.seed)
@@ -285,6 +286,7 @@ def _run(cfg: RunConfig, lock: RunLock) -> dict:
     summary.update(peak_memory(accelerator.device))
     unwrapped: TunedModel = accelerator.unwrap_model(tuned)
     summary["trainable_params"], summary["total_params"] = unwrapped.trainable_parameters()
+    summary.update(preserve.report(guard, unwrapped, tokenizer.pad_token_id))  # data.preserve: retention
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         plots = write_plots(out)
