@@ -58,7 +58,7 @@ class PreserveConfig(Strict):
     """Forgetting guard: `general` (lmtune's ~200 varied general prompts) or your file (.txt, a prompt a line; or
     records with `prompt`). The base model's own greedy answers to them (made once, cached) are mixed into the
     training data; a held-out part reports retention in the log and summary. Empty: off. `data.preserve=general`."""
-    fraction: float = Field(0.3, gt=0.0, lt=1.0)
+    fraction: float = Field(0.5, gt=0.0, lt=1.0)
     """Share of the mixed training set that is base-model answers."""
     held_out: int = Field(32, ge=0)
     """Prompts kept out of training that measure retention (agreement with the base answers, their loss)."""
