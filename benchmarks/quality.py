@@ -79,6 +79,7 @@ def lr_of(method: str, overrides: dict) -> float:
 def run_lmtune(method: dict, lr: float, train: str, held: list, seed: int, args, work: Path) -> float:
     import lmtune
     from lmtune.config import load_config
+    from lmtune.train import run
 
     out = work / f"run-{method['name']}-{seed}"
     opts = [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in method.items() if k != "name"]
@@ -88,7 +89,7 @@ def run_lmtune(method: dict, lr: float, train: str, held: list, seed: int, args,
                              f"train.seed={seed}", f"train.max_grad_norm={CLIP}", "train.save_every=null",
                              f"data.max_length={MAX_LENGTH}", "train.weight_decay=0.0"]
                       + ([f"model.name={args.model}"] if args.model else []))
-    lmtune.train(cfg)
+    run(cfg)
     tuned, tokenizer = lmtune.load(out)
     return accuracy(tuned, held, tokenizer)
 
