@@ -45,7 +45,7 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "adapter": {"train.lr": 1e-3},
     "prompt": {"train.lr": 3e-2},
     "p-tuning": {"train.lr": 1e-2},
-    "prefix": {"train.lr": 1e-2},
+    "prefix": {"train.lr": 1e-3},
     "p-tuning-v2": {"train.lr": 1e-2},
 }
 EVAL_POINTS = 8  # eval-loss measurements per run when the config sets no train.eval_every

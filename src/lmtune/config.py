@@ -44,6 +44,19 @@ class DataSource(Strict):
     1000)."""
 
 
+class PreserveConfig(Strict):
+    prompts: str | None = None
+    """Forgetting guard: `general` (lmtune's ~200 varied general prompts) or your file (.txt, a prompt a line; or
+    records with `prompt`). The base model's own greedy answers to them (made once, cached) are mixed into the
+    training data; a held-out part reports retention in the log and summary. Empty: off. `data.preserve=general`."""
+    fraction: float = Field(0.5, gt=0.0, lt=1.0)
+    """Share of the mixed training set that is base-model answers."""
+    held_out: int = Field(32, ge=0)
+    """Prompts kept out of training that measure retention (agreement with the base answers, their loss)."""
+    max_new_tokens: int = Field(64, ge=1)
+    """Longest base answer generated; one cut by this limit is trimmed to its last full sentence."""
+
+
 class DataConfig(Strict):
     train: list[DataSource] = Field(min_length=1)
     """Training data: a file, or a list of files / {path, weight} mappings mixed together. Records are detected
@@ -73,6 +86,15 @@ class DataConfig(Strict):
     The label is the completion."""
     cache: bool = True
     """Keep tokenised data in the cache directory, so a second run with the same data and tokenizer starts at once."""
+    preserve: PreserveConfig = PreserveConfig()
+    """The forgetting guard (see data.preserve.prompts); `preserve: general` in YAML is short for prompts: general."""
+
+    @field_validator("preserve", mode="before")
+    @classmethod
+    def _preserve_shorthand(cls, v: Any) -> Any:
+        if v is None or v is False:
+            return {}
+        return {"prompts": "general" if v is True else v} if isinstance(v, (str, bool)) else v
 
     @field_validator("train", "eval", mode="before")
     @classmethod

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from lmtune.checkpoint import RUN_INFO, save
 from lmtune.config import RunConfig, TrainConfig, dump_config
-from lmtune.data import TokenStats, collate, collate_pairs
+from lmtune.data import TokenStats, collate, collate_pairs, preserve
 from lmtune.data.pack import collate_packed, pack, packing_works
 from lmtune.data.pipeline import load_data
 from lmtune.errors import LmtuneError
@@ -175,6 +175,7 @@ def _run(cfg: RunConfig, lock: RunLock) -> dict:
                                   quant_type=m.quant_type, double_quant=m.double_quant)
     # Data before anything is logged or written: a bad record fails as one line and leaves no directory.
     train_set, eval_set, stats = _load_data(cfg, task, tokenizer)
+    train_set, guard = preserve.mix(cfg, model, tokenizer, train_set)  # data.preserve: the base model's answers
     check_lengths(train_set + eval_set, model)
     batch_note = check_batches(t.batch_size, t.grad_accum, len(train_set), math.ceil(len(train_set) / t.batch_size))
     # Seeded after loading: a first-use conversion of the default model draws random numbers.
@@ -228,6 +229,7 @@ def _run(cfg: RunConfig, lock: RunLock) -> dict:
     summary.update(memory_report.check(accelerator.device))  # the measured peak next to the prediction
     unwrapped: TunedModel = accelerator.unwrap_model(tuned)
     summary["trainable_params"], summary["total_params"] = unwrapped.trainable_parameters()
+    summary.update(preserve.report(guard, unwrapped, tokenizer.pad_token_id))  # data.preserve: retention
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         plots = write_plots(out)

@@ -68,6 +68,21 @@ def test_padding_side_does_not_change_logits(arch, method):
     assert_left_padding_is_invisible(arch, METHODS[method])
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("method", list(METHODS))
+def test_the_default_init_is_the_base_model_reading_real_tokens_first(arch, method):
+    """Li & Liang's init from real words' activations: before training the prefix holds the base model's own
+    keys/values of `init_ids` (for prefix tuning, as the MLP's output), so the tuned model's logits on x are the
+    base model's on [init_ids; x]."""
+    model = tuned(arch, METHODS[method])
+    first = model.model.prompt_encoder.init_ids
+    ids = torch.randint(3, 300, (1, 6), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = build_model(arch)(input_ids=torch.cat([first[None], ids], dim=1)).logits[:, NVT:]
+        got = model(input_ids=ids).logits
+    assert_close(got, expected, atol=1e-4)
+
+
 def test_sft_objective_equals_a_hand_loss_over_peft_logits(tmp_path):
     ours = tuned("qwen2", METHODS["prefix"])
     save(ours, tmp_path)

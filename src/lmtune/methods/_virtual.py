@@ -31,11 +31,14 @@ class VirtualTokenConfig(MethodConfig):
 class VirtualTokens(nn.Module):
     """A trainable table (`embedding`), optionally mapped through `head`; `forward()` gives the rows used."""
 
-    def __init__(self, embedding: nn.Embedding, head: nn.Module | None = None) -> None:
+    def __init__(self, embedding: nn.Embedding, head: nn.Module | None = None,
+                 init_ids: torch.Tensor | None = None) -> None:
         super().__init__()
         self.embedding = embedding
         self.head = head
         self.disabled = False
+        self.init_ids = init_ids
+        """The vocabulary tokens whose embeddings / keys and values started the table, if any (for inspection)."""
 
     @property
     def num_virtual_tokens(self) -> int:

@@ -6,7 +6,13 @@ Rule: every attention layer l attends over [P_l; x]: trained key/value prefixes 
 Prefix tuning trains them through an MLP reparameterisation, P = MLP(E) with
 `Linear(d, h) - Tanh - Linear(h, 2 L d)` (the seed: direct updates are unstable); after training only
 P is needed, and that is what the PEFT file holds. P-tuning v2 trains P directly (deep prompts at
-every layer, no reparameterisation); init N(0, 1), or zero.
+every layer, no reparameterisation).
+Init (`init`): `vocab` (default) starts P at the model's own keys and values of `num_virtual_tokens` random
+vocabulary tokens (Li & Liang's "activations of real words", section 7.4): at step 0 the model sees an ordinary
+text prefix, at the scale its attention expects. PEFT's N(0, 1) start (`random`) is ~10x the scale of real
+keys/values and raised the held-out loss of the default model from 4.5 to 11.8 before any training. For prefix
+tuning the MLP keeps PEFT's init except its last layer, solved (least squares) so that MLP(E) = those
+activations exactly; `zero` (P-tuning v2 only) starts at P = 0.
 Prefixes are sized `num_key_value_heads * head_dim` (grouped-query attention) and reach the model
 through transformers' public Cache API. Checkpoints are PEFT's PREFIX_TUNING (`prompt_embeddings`,
 prefix_projection true for `prefix`, false for `p-tuning-v2`).
@@ -20,6 +26,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 from transformers import DynamicCache, EncoderDecoderCache
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
@@ -44,14 +51,18 @@ GRADIENT_CHECKPOINTING_REFUSAL = ("prefix methods cannot train with gradient che
 
 class PrefixConfig(VirtualTokenConfig):
     name: Literal["prefix"] = "prefix"
+    init: Literal["vocab", "random"] = "vocab"
+    """Initial prefixes: `vocab` (the model's own keys/values of random vocabulary tokens: MLP(E) starts there) or
+    `random` (PEFT's default MLP init)."""
     encoder_hidden_size: int | None = Field(None, ge=1)
     """Hidden size of the reparameterisation MLP; empty means the prefix width (PEFT's default)."""
 
 
 class PTuningV2Config(VirtualTokenConfig):
     name: Literal["p-tuning-v2"] = "p-tuning-v2"
-    init: Literal["random", "zero"] = "random"
-    """Initial prefixes: `random` N(0, 1) (PEFT's default) or `zero`."""
+    init: Literal["vocab", "random", "zero"] = "vocab"
+    """Initial prefixes: `vocab` (the model's own keys/values of random vocabulary tokens), `random` N(0, 1)
+    (PEFT's default; ~10x the scale of real keys/values) or `zero`."""
 
 
 def geometry(model: nn.Module) -> tuple[int, int, int]:
@@ -101,23 +112,64 @@ def _width(model: nn.Module) -> tuple[int, int]:
     return kv_heads * head_dim, 2 * layers * kv_heads * head_dim
 
 
+def real_key_values(model: nn.Module, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(ids, table): `n` random vocabulary tokens and the keys/values the model computes for them at positions
+    0..n-1, one row per position in the prefix layout (slot 2l layer l's key, 2l + 1 its value). Prepending this
+    table is exactly prepending those tokens. None under a fake / meta model (the memory estimate computes nothing)."""
+    weight = model.get_input_embeddings().weight
+    if is_fake(weight) or weight.device.type == "meta":
+        return None
+    check_position_room(model, n, 0)
+    ids = torch.randint(0, weight.shape[0], (1, n), device=weight.device)
+    inputs = {"input_ids": ids, "use_cache": True, "return_dict": True}
+    if model.config.is_encoder_decoder:  # the prefix sits in the decoder's self-attention
+        inputs["decoder_input_ids"] = ids
+    training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(**inputs)
+    cache = out["cache"] if "cache" in out else out["past_key_values"]  # renamed in transformers 5
+    model.train(training)
+    cache = getattr(cache, "self_attention_cache", cache)
+    kv = torch.stack([t[0] for layer in cache.layers for t in (layer.keys, layer.values)])  # (2L, H, n, D)
+    return ids[0].cpu(), kv.permute(2, 0, 1, 3).reshape(n, -1).float()
+
+
+@torch.no_grad()
+def _solve_last_layer(head: nn.Sequential, embedding: nn.Embedding, target: torch.Tensor) -> None:
+    """Set the MLP's last Linear so that head(E) = target: min-norm least squares on [tanh(W1 E + b1), 1]
+    (exact while num_virtual_tokens <= hidden + 1). The first layer and E keep PEFT's init, so every part trains."""
+    hidden = head[1](head[0](embedding.weight))
+    features = torch.cat([hidden, hidden.new_ones(hidden.shape[0], 1)], dim=1)
+    solution = torch.linalg.pinv(features) @ target.to(features)  # (hidden + 1, out)
+    head[2].weight.copy_(solution[:-1].T)
+    head[2].bias.copy_(solution[-1])
+
+
 def apply_prefix(model: nn.Module, cfg: PrefixConfig) -> None:
     check_cache(model)
     token_dim, out = _width(model)
     hidden = cfg.encoder_hidden_size or token_dim
+    start = real_key_values(model, cfg.num_virtual_tokens) if cfg.init == "vocab" else None
     embedding = new_embedding(model, cfg.num_virtual_tokens, token_dim)
     # Built on the embedding's device, not moved there: `.to()` cannot swap fake tensors (memory estimate).
     with torch.device(embedding.weight.device):
         head = nn.Sequential(nn.Linear(token_dim, hidden), nn.Tanh(), nn.Linear(hidden, out))
-    attach(model, VirtualTokens(embedding, head))
+    if start is not None:
+        _solve_last_layer(head, embedding, start[1])
+    attach(model, VirtualTokens(embedding, head, init_ids=None if start is None else start[0]))
 
 
 def apply_p_tuning_v2(model: nn.Module, cfg: PTuningV2Config) -> None:
     check_cache(model)
+    start = real_key_values(model, cfg.num_virtual_tokens) if cfg.init == "vocab" else None
     embedding = new_embedding(model, cfg.num_virtual_tokens, _width(model)[1])
     if cfg.init == "zero":
         nn.init.zeros_(embedding.weight)
-    attach(model, VirtualTokens(embedding))
+    elif start is not None:
+        with torch.no_grad():
+            embedding.weight.copy_(start[1])
+    attach(model, VirtualTokens(embedding, init_ids=None if start is None else start[0]))
 
 
 def build_cache(model: nn.Module, table: torch.Tensor, batch: int, dtype: torch.dtype) -> Cache:
@@ -173,10 +225,11 @@ def p_tuning_v2_to_peft(cfg: PTuningV2Config, model: nn.Module) -> dict:
 def prefix_from_peft(peft: dict) -> dict:
     """PEFT has one type for both: prefix_projection tells prefix tuning (MLP) from P-tuning v2."""
     check_peft_submodules(peft, frozenset({"prefix_projection", "encoder_hidden_size", "init_weights"}))
+    # The file holds the trained prefix; the init only mattered before training (`random` computes nothing).
     if peft.get("prefix_projection"):
         return {"name": "prefix", "num_virtual_tokens": peft["num_virtual_tokens"],
-                "encoder_hidden_size": peft.get("encoder_hidden_size")}
-    return {"name": "p-tuning-v2", "num_virtual_tokens": peft["num_virtual_tokens"]}
+                "encoder_hidden_size": peft.get("encoder_hidden_size"), "init": "random"}
+    return {"name": "p-tuning-v2", "num_virtual_tokens": peft["num_virtual_tokens"], "init": "random"}
 
 
 _SHARED = {"peft_type": "PREFIX_TUNING", "from_peft": prefix_from_peft, "prepare_inputs": prepare_inputs,

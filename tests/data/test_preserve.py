@@ -1,0 +1,119 @@
+"""The forgetting guard (data.preserve): answer cleaning, batched greedy answers against one-by-one generation,
+the mix, the cache and the retention report of a real `lmtune train` run on a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import build_model, build_tokenizer
+
+import lmtune
+from lmtune.config import load_config
+from lmtune.data import preserve
+from lmtune.errors import LmtuneError
+from lmtune.inference import reply
+from lmtune.train import run
+
+PROMPTS = ["Hello there, how are you?", "What is two plus two?", "Name three colors.", "The capital of France?",
+           "Hello", "What is it?", "How are you today?", "Colors: red, green and blue?"]
+
+
+def test_clean_keeps_finished_answers_trims_cut_ones_and_drops_loops():
+    assert preserve.clean("Paris is the capital.", finished=True) == "Paris is the capital."
+    assert preserve.clean("Paris is the capital of France. It has a tower that", finished=False) == \
+        "Paris is the capital of France."
+    assert preserve.clean("no sentence end in this cut answer at all", finished=False) is None
+    assert preserve.clean("Short. And", finished=False) is None  # under 20 characters once trimmed
+    assert preserve.clean("I am glad. I am glad. I am glad. Really.", finished=True) is None
+
+
+def test_batched_left_padded_greedy_equals_one_prompt_at_a_time():
+    model, tokenizer = build_model("llama"), build_tokenizer()
+    texts = [preserve._prompt_text(p, tokenizer, chat=True) for p in PROMPTS]
+    batched = preserve.greedy(model, tokenizer, texts, add_special_tokens=False, max_new_tokens=5)
+    tuned = lmtune.apply(model, "full")
+    for prompt, (answer, _) in zip(PROMPTS, batched, strict=True):
+        alone = reply(tuned, tokenizer, [{"role": "user", "content": prompt}], max_new_tokens=5)
+        assert answer.strip() == alone
+
+
+def _data(tmp_path, n: int = 6):
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"prompt": f"Who are you {i}?", "completion": "I am Quill."}) + "\n"
+                             for i in range(n)))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    return train, prompts
+
+
+def _config(tmp_path, model_dir, train, prompts, *extra):
+    return load_config(None, [f"model.name={model_dir}", f"data.train={train}", f"output_dir={tmp_path / 'run'}",
+                              "train.device=cpu", "method=lora", "train.steps=2", "train.batch_size=4",
+                              f"data.preserve.prompts={prompts}", "data.preserve.held_out=3",
+                              "data.preserve.fraction=0.5", "data.preserve.max_new_tokens=4", *extra])
+
+
+def test_a_run_mixes_base_answers_reports_retention_and_caches_them(tmp_path, model_dir, monkeypatch):
+    monkeypatch.setenv("LMTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(preserve, "clean", lambda text, finished: text or None)  # keep a random model's
+    train, prompts = _data(tmp_path)
+    calls = []
+    real = preserve.generate_answers
+    monkeypatch.setattr(preserve, "generate_answers", lambda *a: calls.append(1) or real(*a))
+    summary = run(_config(tmp_path, model_dir, train, prompts))
+    entry = summary["preserve"]
+    assert entry["held_out"] == 3 and entry["mixed_examples"] == 6  # 0.5 / (1 - 0.5) * 6 training examples
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["preserve"] == entry
+
+    # The "before" figures, by hand: the base model, each held-out example alone, on its own base answer.
+    base, tokenizer = lmtune.load_model(model_dir)
+    answers = preserve.base_answers(base, tokenizer, PROMPTS, True, 4)
+    assert len(calls) == 1  # the second call read the cache
+    pairs = [(q, a) for q, a in zip(PROMPTS, answers, strict=True) if a is not None]
+    import random
+
+    random.Random(preserve.HOLDOUT_SEED).shuffle(pairs)
+    hits = total = 0
+    nll = 0.0
+    for q, a in pairs[:3]:
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+                                                 tokenize=False)
+        prefix = tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                               add_generation_prompt=True)
+        ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        start = len(tokenizer(prefix, add_special_tokens=False)["input_ids"])
+        targets = torch.tensor(ids[start:start + len(ids) - start])
+        with torch.no_grad():
+            logits = base(input_ids=torch.tensor([ids])).logits[0, start - 1:-1]
+        targets = targets[: logits.shape[0]]
+        hits += int((logits.argmax(-1) == targets).sum())
+        nll += float(F.cross_entropy(logits, targets, reduction="sum"))
+        total += len(targets)
+    assert entry["agreement_before"] == pytest.approx(hits / total)
+    assert entry["loss_before"] == pytest.approx(nll / total, abs=1e-4)
+    assert 0.0 <= entry["agreement_after"] <= 1.0
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["task=pretrain"], "task sft"),
+    (["data.preserve.prompts=missing.txt"], "file not found"),
+    (["data.preserve.held_out=50"], "leaves no prompt to train on"),
+])
+def test_bad_settings_are_one_line_errors(tmp_path, model_dir, monkeypatch, extra, message):
+    monkeypatch.setenv("LMTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(preserve, "clean", lambda text, finished: text or None)
+    train, prompts = _data(tmp_path)
+    if extra[0].startswith("task"):
+        train.write_text(json.dumps({"text": "Hello there."}) + "\n")
+    with pytest.raises(LmtuneError, match=message) as err:
+        run(_config(tmp_path, model_dir, train, prompts, *extra))
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "run" / "lmtune.json").exists()
+
+
+def test_the_shipped_prompts_are_many_and_distinct():
+    prompts = preserve.read_prompts("general")
+    assert len(prompts) >= 150 and len(set(p.lower() for p in prompts)) == len(prompts)
