@@ -19,6 +19,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from lmtune import distributed
 from lmtune.checkpoint import RUN_INFO, save
 from lmtune.config import RunConfig, TrainConfig, dump_config
 from lmtune.data import TokenStats, collate, collate_pairs
@@ -208,7 +209,7 @@ def _accelerator(t: TrainConfig) -> Accelerator:
     # accelerate keeps one state per process; reset it so that runs in one process may differ in precision
     # (the process group, in PartialState, is kept).
     AcceleratorState._reset_state()
-    return Accelerator(cpu=t.device == "cpu", mixed_precision=mixed)
+    return distributed.make_accelerator(t.device == "cpu", mixed)  # FSDP when the launch asks for it
 
 
 def run(cfg: RunConfig) -> dict:
@@ -276,21 +277,21 @@ def _run(cfg: RunConfig, lock: RunLock) -> dict:
                                accelerator.device)
     start = restore(source, tuned, optimizer, scheduler)
     # The eval loader stays unsharded: every process scores the whole set, so the figure is exact.
-    tuned, optimizer, loader = accelerator.prepare(tuned, optimizer, loader)
+    tuned, optimizer, loader = distributed.prepare(accelerator, tuned, optimizer, loader)
     with stop_on_signal() as stop:  # Ctrl-C / SIGTERM: finish the step, save a checkpoint, leave
         summary = _loop(cfg, tuned, optimizer, scheduler, loader, eval_loader, steps, accelerator, out, start, stop)
     summary["data"] = asdict(stats)
     summary["effective_batch"] = t.batch_size * t.grad_accum * world
     summary["eval_examples"] = len(eval_set)
     summary.update(peak_memory(accelerator.device))
-    unwrapped: TunedModel = accelerator.unwrap_model(tuned)
-    summary["trainable_params"], summary["total_params"] = unwrapped.trainable_parameters()
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        plots = write_plots(out)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        write_summary(out, cfg, summary, plots)
-        save(unwrapped, out, tokenizer)
+    with distributed.gathered(accelerator, tuned) as (whole, _):  # under FSDP: gathered from the shards
+        if accelerator.is_main_process:
+            summary["trainable_params"], summary["total_params"] = whole.trainable_parameters()
+            plots = write_plots(out)
+            (out / "summary.json").write_text(json.dumps(summary, indent=2))
+            write_summary(out, cfg, summary, plots)
+            save(whole, out, tokenizer)
     return summary
 
 

@@ -1,0 +1,119 @@
+"""Sharded training through accelerate's FSDP plugin, and the files it writes: the same as one process writes.
+
+`accelerate launch --config_file examples/accelerate/fsdp.yaml` (or any FSDP config) turns on accelerate's
+FullyShardedDataParallelPlugin; accelerate shards the model with FSDP2 (`fully_shard`) in `prepare`. Three
+things lmtune adds around it:
+
+- accelerate selects FSDP for accelerator devices only; FSDP2 runs on CPU processes over gloo as well, so on
+  the CPU the plugin accelerate built from the launch is switched on here (tests run FSDP on 2 CPU processes).
+- Saving: the shards are gathered into a full state dict (accelerate's `get_state_dict`, a collective) and
+  loaded into a copy of the unsharded model on the main process, which then saves exactly as a one-process
+  run does (same PEFT adapter, same whole model, same resumable checkpoint). The copy lives on the meta
+  device between saves: it costs host memory only while a file is written.
+- Resuming: a checkpoint's optimizer state, loaded into the unsharded optimizer, is re-sharded after `prepare`.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+_REPLICAS: dict[int, tuple[torch.nn.Module, list[str]]] = {}  # id(prepared model) -> (meta copy, trained names)
+
+
+def make_accelerator(cpu: bool, mixed_precision: str) -> Accelerator:
+    """accelerate's Accelerator, with FSDP on CPU processes when the launch asks for it."""
+    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+    wants_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if wants_fsdp and accelerator.distributed_type == DistributedType.MULTI_CPU:
+        plugin = FullyShardedDataParallelPlugin()  # read from the launch's FSDP_* variables, as accelerate does
+        if plugin.fsdp_version != 2:
+            from lmtune.errors import LmtuneError
+
+            raise LmtuneError("FSDP on CPU processes needs fsdp_version: 2 in the accelerate config")
+        accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = plugin
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as accelerate does on GPUs
+    return accelerator
+
+
+def is_sharded(accelerator: Accelerator) -> bool:
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def prepare(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            loader: Any) -> tuple[torch.nn.Module, torch.optim.Optimizer, Any]:
+    """accelerate's `prepare`; under FSDP also keep a meta copy for saving and re-shard a restored optimizer."""
+    if not is_sharded(accelerator):
+        return accelerator.prepare(model, optimizer, loader)
+    names = [name for name, p in model.named_parameters() if p.requires_grad]  # the optimizer's order
+    restored = optimizer.state_dict() if optimizer.state else None
+    replica = copy.deepcopy(model).to("meta") if accelerator.is_main_process else None
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    _REPLICAS[id(model)] = (replica, names)
+    if restored is not None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        by_name = {"state": {names[i]: entry for i, entry in restored["state"].items()},
+                   "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in restored["param_groups"]]}
+        set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+    return model, optimizer, loader
+
+
+def _cloned(state: Any) -> Any:
+    if isinstance(state, torch.Tensor):
+        return state.clone()
+    if isinstance(state, dict):
+        return {k: _cloned(v) for k, v in state.items()}
+    return state
+
+
+class _FullOptimizer:
+    """The optimizer state as one process holds it (index-keyed), for `resume.save_checkpoint`."""
+
+    def __init__(self, state: dict, names: list[str]) -> None:
+        index = {name: i for i, name in enumerate(names)}
+        self._state = {"state": {index[n]: entry for n, entry in state["state"].items()},
+                       "param_groups": [{**g, "params": [index[n] for n in g["params"]]}
+                                        for g in state["param_groups"]]}
+
+    def state_dict(self) -> dict:
+        return self._state
+
+
+@contextmanager
+def gathered(accelerator: Accelerator, model: torch.nn.Module,
+             optimizer: torch.optim.Optimizer | None = None) -> Iterator[tuple[Any, Any]]:
+    """(model, optimizer) as one process would hold them, on the main process; every process must enter.
+
+    Without sharding: the unwrapped model and the optimizer itself. Under FSDP: the full state gathered from the
+    shards into the meta copy (None on the other processes), released again on leaving.
+    """
+    if not is_sharded(accelerator):
+        yield accelerator.unwrap_model(model), optimizer
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    replica, names = _REPLICAS[id(model)]
+    weights = accelerator.get_state_dict(model)
+    full = None
+    if optimizer is not None:
+        state = get_optimizer_state_dict(model, optimizer,
+                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        full = _FullOptimizer(_cloned(state), names) if accelerator.is_main_process else None
+    if not accelerator.is_main_process:
+        yield None, None
+        return
+    # On the CPU "offloading" the gathered tensors is a no-op: they may still be FSDP's buffers, freed later.
+    replica.load_state_dict({k: v.clone() for k, v in weights.items()}, assign=True)
+    try:
+        yield replica, full
+    finally:
+        replica.to("meta")
