@@ -32,7 +32,9 @@ def make_accelerator(cpu: bool, mixed_precision: str) -> Accelerator:
     """accelerate's Accelerator, with FSDP on CPU processes when the launch asks for it."""
     accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision)
     wants_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-    if wants_fsdp and accelerator.distributed_type == DistributedType.MULTI_CPU:
+    # MULTI_CPU on the first run of a process; FSDP (kept in PartialState, below) on a later run, without a plugin.
+    on_cpu = accelerator.distributed_type in (DistributedType.MULTI_CPU, DistributedType.FSDP)
+    if wants_fsdp and on_cpu and getattr(accelerator.state, "fsdp_plugin", None) is None:
         plugin = FullyShardedDataParallelPlugin()  # read from the launch's FSDP_* variables, as accelerate does
         if plugin.fsdp_version != 2:
             from lmtune.errors import LmtuneError
@@ -55,16 +57,33 @@ def prepare(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.o
         return accelerator.prepare(model, optimizer, loader)
     names = [name for name, p in model.named_parameters() if p.requires_grad]  # the optimizer's order
     restored = optimizer.state_dict() if optimizer.state else None
+    optimizer.state.clear()  # keyed by the unsharded parameters, which `prepare` replaces
     replica = copy.deepcopy(model).to("meta") if accelerator.is_main_process else None
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     _REPLICAS[id(model)] = (replica, names)
     if restored is not None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        by_name = {"state": {names[i]: entry for i, entry in restored["state"].items()},
-                   "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in restored["param_groups"]]}
-        set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+        _shard_optimizer_state(optimizer, restored)
     return model, optimizer, loader
+
+
+def _shard_optimizer_state(optimizer: torch.optim.Optimizer, restored: dict) -> None:
+    """Give each sharded parameter its slice of the restored (full) moments, placed as the parameter is.
+
+    Every process holds the same full state (read from the checkpoint); copies, so that no shard aliases it.
+    """
+    from torch.distributed.tensor import DTensor
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, entry in restored["state"].items():
+        param = params[index]
+        state = {}
+        for key, value in entry.items():
+            if isinstance(param, DTensor) and isinstance(value, torch.Tensor) and value.shape == param.shape:
+                value = _local_slice(value, param)
+            elif isinstance(value, torch.Tensor):
+                value = value.detach().clone()
+            state[key] = value
+        optimizer.state[param] = state
 
 
 def _cloned(state: Any) -> Any:
@@ -73,6 +92,20 @@ def _cloned(state: Any) -> Any:
     if isinstance(state, dict):
         return {k: _cloned(v) for k, v in state.items()}
     return state
+
+
+def _local_slice(full: torch.Tensor, param: Any) -> Any:
+    """This process's rows of `full`, as FSDP2 shards `param` (dim 0, torch.chunk), wrapped like `param`."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if tuple(param.placements) != (Shard(0),):
+        raise NotImplementedError(f"resume under FSDP: placement {param.placements} is not dim-0 sharding")
+    mesh = param.device_mesh
+    chunks = torch.chunk(full.detach(), mesh.size(), dim=0)
+    rank = mesh.get_local_rank()
+    local = chunks[rank].clone() if rank < len(chunks) else full.new_empty((0, *full.shape[1:]))
+    return DTensor.from_local(local, mesh, param.placements, run_check=False, shape=param.shape,
+                              stride=param.stride())
 
 
 class _FullOptimizer:
