@@ -27,7 +27,7 @@ _QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p
 _LLAMA3 = _QWEN2.replace(r"\p{N}|", r"\p{N}{1,3}|")
 # llama.cpp pre-tokenizer name -> the HF pre-tokenizer steps that split text the same way (llama-vocab.cpp).
 PRE_TOKENIZERS: dict[str, list[dict]] = {
-    "gpt2": [_BYTE_LEVEL],
+    "gpt-2": [_BYTE_LEVEL],
     "smollm": [_DIGITS, _BYTE_LEVEL],  # also StarCoder's: each digit alone, then GPT-2's regex
     "qwen2": [{"type": "Split", "pattern": {"Regex": _QWEN2}}, _RAW_BYTE_LEVEL],
     "llama-bpe": [{"type": "Split", "pattern": {"Regex": _LLAMA3}}, _RAW_BYTE_LEVEL],
