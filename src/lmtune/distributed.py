@@ -25,7 +25,7 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-_REPLICAS: dict[int, tuple[torch.nn.Module, list[str]]] = {}  # id(prepared model) -> (meta copy, trained names)
+_REPLICAS: dict[int, torch.nn.Module | None] = {}  # id(prepared model) -> its unsharded copy on the meta device
 
 
 def make_accelerator(cpu: bool, mixed_precision: str) -> Accelerator:
@@ -55,12 +55,11 @@ def prepare(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.o
     """accelerate's `prepare`; under FSDP also keep a meta copy for saving and re-shard a restored optimizer."""
     if not is_sharded(accelerator):
         return accelerator.prepare(model, optimizer, loader)
-    names = [name for name, p in model.named_parameters() if p.requires_grad]  # the optimizer's order
     restored = optimizer.state_dict() if optimizer.state else None
     optimizer.state.clear()  # keyed by the unsharded parameters, which `prepare` replaces
     replica = copy.deepcopy(model).to("meta") if accelerator.is_main_process else None
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    _REPLICAS[id(model)] = (replica, names)
+    _REPLICAS[id(model)] = replica
     if restored is not None:
         _shard_optimizer_state(optimizer, restored)
     return model, optimizer, loader
@@ -86,36 +85,40 @@ def _shard_optimizer_state(optimizer: torch.optim.Optimizer, restored: dict) -> 
         optimizer.state[param] = state
 
 
-def _cloned(state: Any) -> Any:
-    if isinstance(state, torch.Tensor):
-        return state.clone()
-    if isinstance(state, dict):
-        return {k: _cloned(v) for k, v in state.items()}
-    return state
-
-
 def _local_slice(full: torch.Tensor, param: Any) -> Any:
-    """This process's rows of `full`, as FSDP2 shards `param` (dim 0, torch.chunk), wrapped like `param`."""
-    from torch.distributed.tensor import DTensor, Shard
+    """`full` laid out exactly as `param` (as AdamW's own `zeros_like(param)` is), holding this process's rows."""
+    from torch.distributed.tensor import Shard
 
     if tuple(param.placements) != (Shard(0),):
         raise NotImplementedError(f"resume under FSDP: placement {param.placements} is not dim-0 sharding")
-    mesh = param.device_mesh
-    chunks = torch.chunk(full.detach(), mesh.size(), dim=0)
-    rank = mesh.get_local_rank()
-    local = chunks[rank].clone() if rank < len(chunks) else full.new_empty((0, *full.shape[1:]))
-    return DTensor.from_local(local, mesh, param.placements, run_check=False, shape=param.shape,
-                              stride=param.stride())
+    state = torch.zeros_like(param)
+    local = state.to_local()
+    rows = torch.chunk(full.detach(), param.device_mesh.size(), dim=0)  # FSDP2 shards dim 0 as torch.chunk
+    rank = param.device_mesh.get_local_rank()
+    if rank < len(rows) and local.numel():
+        local.copy_(rows[rank].reshape(local.shape))
+    return state
+
+
+def _full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's state_dict with every sharded moment gathered whole (a collective, in a fixed order)."""
+    from torch.distributed.tensor import DTensor
+
+    sd = optimizer.state_dict()  # index-keyed as in one process; values still sharded
+    state = {}
+    for index in sorted(sd["state"]):
+        entry = sd["state"][index]
+        state[index] = {key: (entry[key].full_tensor() if isinstance(entry[key], DTensor) else
+                              entry[key].clone() if isinstance(entry[key], torch.Tensor) else entry[key])
+                        for key in sorted(entry)}
+    return {"state": state, "param_groups": sd["param_groups"]}
 
 
 class _FullOptimizer:
-    """The optimizer state as one process holds it (index-keyed), for `resume.save_checkpoint`."""
+    """The optimizer state as one process holds it, for `resume.save_checkpoint` (its `state_dict()`)."""
 
-    def __init__(self, state: dict, names: list[str]) -> None:
-        index = {name: i for i, name in enumerate(names)}
-        self._state = {"state": {index[n]: entry for n, entry in state["state"].items()},
-                       "param_groups": [{**g, "params": [index[n] for n in g["params"]]}
-                                        for g in state["param_groups"]]}
+    def __init__(self, state: dict) -> None:
+        self._state = state
 
     def state_dict(self) -> dict:
         return self._state
@@ -132,20 +135,16 @@ def gathered(accelerator: Accelerator, model: torch.nn.Module,
     if not is_sharded(accelerator):
         yield accelerator.unwrap_model(model), optimizer
         return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    replica, names = _REPLICAS[id(model)]
+    replica = _REPLICAS[id(model)]
     weights = accelerator.get_state_dict(model)
-    full = None
-    if optimizer is not None:
-        state = get_optimizer_state_dict(model, optimizer,
-                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        full = _FullOptimizer(_cloned(state), names) if accelerator.is_main_process else None
+    full = _FullOptimizer(_full_optimizer_state(optimizer)) if optimizer is not None else None
     if not accelerator.is_main_process:
         yield None, None
         return
     # On the CPU "offloading" the gathered tensors is a no-op: they may still be FSDP's buffers, freed later.
     replica.load_state_dict({k: v.clone() for k, v in weights.items()}, assign=True)
+    if hasattr(replica.model, "tie_weights"):  # assigning gave the tied head its own tensor; one again
+        replica.model.tie_weights()
     try:
         yield replica, full
     finally:

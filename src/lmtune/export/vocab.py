@@ -69,7 +69,7 @@ def pre_tokenizer_name(spec: dict) -> str:
                           f"this one is model={model}, decoder={decoder}, normalizer={normalizer}")
     steps = _steps(spec.get("pre_tokenizer"))
     for name, want in PRE_TOKENIZERS.items():
-        if len(steps) == len(want) and all(_matches(s, w) for s, w in zip(steps, want)):
+        if len(steps) == len(want) and all(_matches(s, w) for s, w in zip(steps, want, strict=True)):
             return name
     raise LmtuneError(f"GGUF export: pre-tokenizer {json.dumps(spec.get('pre_tokenizer'))[:120]} has no llama.cpp "
                       f"equivalent known to lmtune (known: {', '.join(PRE_TOKENIZERS)})")
