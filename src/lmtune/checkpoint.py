@@ -113,14 +113,19 @@ def load_adapter_weights(tuned: TunedModel, path: Path) -> None:
             param.copy_(value.to(param.dtype))
 
 
+def load_merged(directory: str | Path, base: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A run folded into its base weights, in memory: (plain transformers model, tokenizer)."""
+    tuned, tokenizer = load(directory, base)
+    tuned.model = quantize.dequantize(tuned.model)  # merging needs float weights; says so when it converts
+    return tuned.merge(), tokenizer
+
+
 def merge_to(directory: str | Path, out: str | Path) -> PreTrainedModel:
     """Merge a run into its base weights and write a plain transformers model + tokenizer to `out`."""
     check_new_path(Path(out), "--out")
     if Path(out).exists() and any(Path(out).iterdir()):
         raise LmtuneError(f"{out} exists and is not empty; merge into a new directory")
-    tuned, tokenizer = load(directory)
-    tuned.model = quantize.dequantize(tuned.model)  # merging needs float weights; says so when it converts
-    merged = tuned.merge()
+    merged, tokenizer = load_merged(directory)
     # Written beside `out` and renamed into place: a killed or failed merge leaves no `out` at all.
     target = Path(out)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -66,6 +66,7 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
                        "weights and save a plain transformers model directory.")
     m.add_argument("run_dir")
     m.add_argument("--out", required=True, help="output directory for the merged model")
+    _export_parser(sub)
     s = sub.add_parser("studio", help="web page: configure, estimate, launch, watch, chat, compare",
                        description="Serve the lmtune studio, a local web page to configure a run (with its memory "
                        "estimate live), launch and watch it, stop it cleanly, chat with the result and compare runs.")
@@ -125,6 +126,21 @@ def _compare_parser(sub) -> None:
     c.add_argument("--max-new-tokens", type=int, help="tokens generated per answer when scoring (default: the "
                    "reference answer's length + 8)")
     c.add_argument("--normalize", help="answer normalisation for scoring, as in lmtune eval")
+
+
+def _export_parser(sub) -> None:
+    x = sub.add_parser("export", help="merge and write a GGUF file (llama.cpp, Ollama) + an Ollama Modelfile",
+                       description="Merge a run into its base weights and write one GGUF file that llama.cpp, Ollama "
+                       "and LM Studio load, with the tokenizer and chat template, plus an Ollama Modelfile beside it "
+                       "(FROM, TEMPLATE, stop tokens; replaced if present). Llama, Mistral and Qwen2 models. With no "
+                       "RUN_DIR, the base model. Example: lmtune export runs/quickstart --quant q8_0 --out quill.gguf "
+                       "&& ollama create quill -f Modelfile")
+    x.add_argument("run_dir", nargs="?", help="a run directory from lmtune train (LoRA, IA3, full, freeze) or a "
+                   "transformers model directory")
+    x.add_argument("--model", help="base model when no RUN_DIR is given (default: SmolLM2-135M-Instruct)")
+    x.add_argument("--format", default="gguf", help="output format (default gguf, the only one)")
+    x.add_argument("--quant", default="f16", help="weight type: f32, f16 (default) or q8_0")
+    x.add_argument("--out", required=True, help="the .gguf file to write (must not exist)")
 
 
 def _estimate_parser(sub) -> None:
@@ -248,6 +264,13 @@ def _merge(args: argparse.Namespace) -> None:
     print(f"merged model written to {args.out}")
 
 
+def _export(args: argparse.Namespace) -> None:
+    from lmtune.export import export
+
+    modelfile = export(args.run_dir, args.out, args.format, args.quant, args.model)
+    print(f"GGUF written to {args.out}; Ollama: ollama create NAME -f {modelfile}")
+
+
 def _studio(args: argparse.Namespace) -> None:
     from lmtune.studio.server import serve
 
@@ -256,7 +279,8 @@ def _studio(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"train": _train, "estimate": _estimate, "generate": _generate, "chat": _chat, "merge": _merge,
-            "data": _data, "eval": _eval, "compare": _compare, "studio": _studio, "reward": _reward}
+            "data": _data, "eval": _eval, "compare": _compare, "studio": _studio, "reward": _reward,
+            "export": _export}
 
 
 def _quiet_libraries() -> None:

@@ -235,10 +235,15 @@ def save_checkpoint(out: Path, step: int, cfg: RunConfig, model: torch.nn.Module
 def save_if_due(out: Path, step: int, steps: int, cfg: RunConfig, accelerator: Any, model: torch.nn.Module,
                 optimizer: torch.optim.Optimizer, scheduler: Any, summary: dict, force: bool = False) -> None:
     """Checkpoint every `train.save_every` steps, after the last one and when `force`d (main process only)."""
+    from lmtune.distributed import gathered
+
     every = cfg.train.save_every
-    if accelerator.is_main_process and (force or step == steps or (every and step % every == 0)):
-        save_checkpoint(out, step, cfg, accelerator.unwrap_model(model), optimizer, scheduler,
-                        {k: v for k, v in summary.items() if k != "steps"}, cfg.train.keep_checkpoints)
+    if not (force or step == steps or (every and step % every == 0)):
+        return
+    with gathered(accelerator, model, optimizer) as (whole, whole_optimizer):  # every process: FSDP gathers
+        if accelerator.is_main_process:
+            save_checkpoint(out, step, cfg, whole, whole_optimizer, scheduler,
+                            {k: v for k, v in summary.items() if k != "steps"}, cfg.train.keep_checkpoints)
 
 
 def _unreadable(path: Path, read: Any) -> Any:

@@ -21,6 +21,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from lmtune import distributed
 from lmtune.checkpoint import RUN_INFO, save
 from lmtune.config import RunConfig, TrainConfig, dump_config
 from lmtune.data import TokenStats, collate, collate_pairs, preserve
@@ -147,7 +148,7 @@ def _accelerator(t: TrainConfig) -> Accelerator:
     # accelerate keeps one state per process; reset it so that runs in one process may differ in precision
     # (the process group, in PartialState, is kept).
     AcceleratorState._reset_state()
-    return Accelerator(cpu=t.device == "cpu", mixed_precision=mixed)
+    return distributed.make_accelerator(t.device == "cpu", mixed)  # FSDP when the launch asks for it
 
 
 def run(cfg: RunConfig) -> dict:
@@ -218,7 +219,7 @@ def _run(cfg: RunConfig, lock: RunLock) -> dict:
                                    accelerator.device, sequence_logps)
     start = restore(source, tuned, optimizer, scheduler)
     # The eval loader stays unsharded: every process scores the whole set, so the figure is exact.
-    tuned, optimizer, loader = accelerator.prepare(tuned, optimizer, loader)
+    tuned, optimizer, loader = distributed.prepare(accelerator, tuned, optimizer, loader)
     with stop_on_signal() as stop:  # Ctrl-C / SIGTERM: finish the step, save a checkpoint, leave
         summary = _loop(cfg, task, tuned, optimizer, scheduler, loader, eval_loader, steps, accelerator, out,
                         start, stop)
@@ -227,15 +228,15 @@ def _run(cfg: RunConfig, lock: RunLock) -> dict:
     summary["eval_examples"] = len(eval_set)
     summary.update(peak_memory(accelerator.device))
     summary.update(memory_report.check(accelerator.device))  # the measured peak next to the prediction
-    unwrapped: TunedModel = accelerator.unwrap_model(tuned)
-    summary["trainable_params"], summary["total_params"] = unwrapped.trainable_parameters()
-    summary.update(preserve.report(guard, unwrapped, tokenizer.pad_token_id))  # data.preserve: retention
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        plots = write_plots(out)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        write_summary(out, cfg, summary, plots)
-        save(unwrapped, out, tokenizer)
+    with distributed.gathered(accelerator, tuned) as (whole, _):  # under FSDP: gathered from the shards
+        if accelerator.is_main_process:
+            summary["trainable_params"], summary["total_params"] = whole.trainable_parameters()
+            summary.update(preserve.report(guard, whole, tokenizer.pad_token_id))  # data.preserve: retention
+            plots = write_plots(out)
+            (out / "summary.json").write_text(json.dumps(summary, indent=2))
+            write_summary(out, cfg, summary, plots)
+            save(whole, out, tokenizer)
     return summary
 
 

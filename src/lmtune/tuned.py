@@ -29,6 +29,11 @@ class TunedModel(nn.Module):
         self.base_name = base_name
         """The model name the user gave (None: the packaged default), recorded in checkpoints."""
 
+    @property
+    def _no_split_modules(self) -> list[str] | None:
+        """The base model's layer classes: what accelerate's FSDP auto-wrap shards one by one."""
+        return getattr(self.model, "_no_split_modules", None)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, **kwargs: Any) -> CausalLMOutput:
         """Logits for the real tokens; `.loss` is the mean next-token NLL over labels != -100."""
