@@ -233,7 +233,8 @@ class RunConfig(Strict):
     @classmethod
     def _known_task(cls, v: str) -> str:
         if v not in tasks.task_names():
-            raise ValueError(f"unknown task; choose one of: {', '.join(tasks.task_names())}")
+            names = [repr(n) for n in tasks.task_names()]
+            raise ValueError(f"Input should be {', '.join(names[:-1])} or {names[-1]}")  # as for any closed choice
         return v
 
     @field_validator("method", mode="before")
