@@ -73,7 +73,7 @@ CASES = {
     "misspelt key": ([*TRAIN, "train.lrr=1"], "config: unknown key 'train.lrr'; did you mean 'lr'?"),
     "missing required key": (["train", "model.name={model}"], "config: missing required key 'data'"),
     "unknown method": ([*TRAIN, "method=lora2"], "unknown method 'lora2'; choose one of:"),
-    "unknown task": ([*TRAIN, "task=dpoo"], "config: 'task': unknown task; choose one of"),
+    "unknown task": ([*TRAIN, "task=dpoo"], "config: 'task': Input should be"),
     "rank 0": ([*TRAIN, "method.r=0"], "config: 'method.r': must be >= 1 (got 0)"),
     "negative learning rate": ([*TRAIN, "train.lr=-1e-4"], "config: 'train.lr': must be > 0 (got '-1e-4')"),
     "infinite learning rate": ([*TRAIN, "train.lr=.inf"], "config: 'train.lr': must be a finite number"),
