@@ -7,7 +7,7 @@ stack (`import lmtune.train`). Predicted = `lmtune.memory.estimate` of the same 
 pre-flight check of `lmtune train` prints), traced on fake tensors, nothing loaded. The data fills every
 sequence to `data.max_length` (long records, cut from the right), as the estimate's worst case assumes.
 
-Run: flock /work/wt/measure.lock nice python benchmarks/memory_accuracy.py [--only N ...] [--json OUT]
+Run: python benchmarks/memory_accuracy.py [--only N ...] [--json OUT]
      [--malloc-env]  (the old protocol: MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0)
      [--allocator system]  (LMTUNE_ALLOCATOR=system: lmtune leaves glibc's defaults alone)
      [--predict-only FILE]  (re-estimate the rows of an earlier --json, keeping their measurements)

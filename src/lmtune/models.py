@@ -146,8 +146,8 @@ def _own_float_tensors(model: PreTrainedModel) -> None:
     of their own, so that the mapping closes: it holds every page the quantizer read (the full-precision
     weights, 423 MiB of SmolLM2's 513), resident for the whole run otherwise."""
     with torch.no_grad():
-        for t in [*model.parameters(), *model.buffers()]:
-            if t.device.type == "cpu" and t.dtype.is_floating_point:
+        for t in [*model.parameters(), *model.buffers()]:  # bitsandbytes' own parameter classes keep theirs
+            if type(t) in (torch.nn.Parameter, torch.Tensor) and t.device.type == "cpu" and t.dtype.is_floating_point:
                 t.data = t.data.clone()
 
 

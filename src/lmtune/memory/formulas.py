@@ -22,7 +22,9 @@ from lmtune.memory.trace import storage_bytes
 MIB = 2**20
 CPU_OVERHEAD = 40 * MIB
 """Resident memory a CPU training process gains beyond its tensors (autograd engine, oneDNN and OpenMP
-buffers, the model's Python objects): 41-51 MiB in the five 0.2B-model rows of benchmarks/memory_accuracy.py."""
+buffers, the model's Python objects): 41-51 MiB in five rows of a random 0.2B Llama under the old benchmark's
+malloc environment; kept, not refitted, for the 21 `lmtune train` rows of benchmarks/memory_accuracy.py
+(2026-12-02), where the estimate is -4.7% to +11.3% of the measured peak."""
 CPU_OVERHEAD_SHARE = 0.0
 """Allocator slack in proportion to the tensor peak on CPU (glibc keeps freed chunks), same calibration."""
 CUDA_CONTEXT = 500 * MIB
