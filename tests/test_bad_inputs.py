@@ -429,3 +429,12 @@ def test_merge_that_fails_midway_leaves_no_directory(work, capfd, monkeypatch):
     assert one_line_error(code, stderr) == ("cannot write merged/model: No space left on device; free disk space "
                                             "or choose a writable directory")
     assert snapshot(w) == {**before, "merged": "dir"}  # the parent may stay; nothing inside it
+
+
+def test_eval_out_in_a_missing_directory_is_created_once_the_result_exists(work, capfd, monkeypatch, tmp_path):
+    """Not an error (it was a traceback): the directory is made after scoring, and the JSON written whole."""
+    monkeypatch.chdir(work["dir"])
+    out = tmp_path / "new" / "deeper" / "eval.json"
+    code, stderr = in_process(["eval", "--model", work["model"], "--data", "good.jsonl", "--out", str(out)], capfd)
+    assert code == 0, stderr
+    assert json.loads(out.read_text())["examples"] == 1 and list(out.parent.iterdir()) == [out]
