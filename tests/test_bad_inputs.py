@@ -66,8 +66,27 @@ CASES = {
                                     "good.jsonl:1: chat data needs a chat template"),
     "eval split leaves nothing": ([*TRAIN, "data.eval_split=0.9"],
                                   "data.eval_split=0.9 leaves no training example out of 1"),
+    "corrupt parquet": ([*TRAIN, "data.train=torn.parquet"], "torn.parquet: not a readable Parquet file ("),
+    "data path is a directory": ([*TRAIN, "data.train=."], ". is a directory; name a data file in it"),
+    "CSV row longer than its header": ([*TRAIN, "data.train=ragged.csv"],
+                                       "ragged.csv:2: more values than the header has columns (prompt, completion)"),
+    "no training data": ([*TRAIN, "data.train=[]"], "config: 'data.train': must not be empty (got [])"),
+    "grad_accum beyond the data": ([*TRAIN, "train.grad_accum=1000000000"],
+                                   "train.grad_accum=1000000000 needs 1000000000 micro-batches per optimizer step"),
+    "batch beyond memory": ([*TRAIN, "train.batch_size=100000000"], "this run needs about "),
     # config
     "invalid YAML": (["train", "invalid.yaml"], "invalid.yaml: line 3 is not valid YAML"),
+    "YAML not UTF-8": (["train", "latin1.yaml"], "latin1.yaml: not UTF-8 text (byte 0xe9 at offset 31)"),
+    "YAML section twice": (["train", "twice.yaml"], "twice.yaml: line 4 is not valid YAML (key 'train' is given "
+                                                   "twice (first on line 2); keep one)"),
+    "override value not YAML": ([*TRAIN, "train.lr=[1"], "override 'train.lr=[1': the value is not valid YAML"),
+    "negative count": ([*TRAIN, "train.warmup_steps=-10"], "config: 'train.warmup_steps': must be >= 0 (got -10)"),
+    "negative seed": ([*TRAIN, "train.seed=-1"], "config: 'train.seed': must be >= 0 (got -1)"),
+    "negative float": ([*TRAIN, "train.weight_decay=-0.1"], "config: 'train.weight_decay': must be >= 0 (got -0.1)"),
+    "NaN": ([*TRAIN, "method.alpha=.nan"], "config: 'method.alpha': must be a finite number (got nan)"),
+    "boolean for a number": ([*TRAIN, "train.batch_size=true"],
+                             "config: 'train.batch_size': must be a number, not true / false"),
+    "empty output_dir": ([*TRAIN, "output_dir=''"], "config: 'output_dir': must not be empty"),
     "wrong type in YAML": (["train", "wrong_type.yaml"],
                            "config: 'train.batch_size': Input should be a valid integer"),
     "misspelt key": ([*TRAIN, "train.lrr=1"], "config: unknown key 'train.lrr'; did you mean 'lr'?"),
@@ -81,7 +100,19 @@ CASES = {
     "target modules match nothing": ([*TRAIN, "method.target_modules=[qq_proj]"],
                                      "lora: target_modules ['qq_proj'] matched no module; linear modules here:"),
     "missing config file": (["train", "nope.yaml"], "config file not found: nope.yaml"),
+    # output paths
+    "output_dir is a file": ([*TRAIN, "output_dir=good.jsonl"], "output_dir good.jsonl is a file; give a directory"),
+    "output_dir under a file": ([*TRAIN, "output_dir=good.jsonl/run"], "output_dir good.jsonl/run: "),
+    "eval --out under a file": (["eval", "--model", "{model}", "--data", "good.jsonl", "--out", "good.jsonl/x.json"],
+                                "--out good.jsonl/x.json: "),
+    "eval --out a directory": (["eval", "--model", "{model}", "--data", "good.jsonl", "--out", "run"],
+                               "--out run is a directory; give a file path"),
+    "merge --out onto a file": (["merge", "run", "--out", "good.jsonl"], "--out good.jsonl is a file"),
     # command line
+    "port out of range": (["studio", "--port", "70000"], "argument --port: invalid port '70000'"),
+    "studio --runs a file": (["studio", "--runs", "good.jsonl"], "--runs good.jsonl is a file"),
+    "NaN temperature": (["generate", "--model", "{model}", "--prompt", "hi", "--temperature", "nan"],
+                        "temperature must be >= 0 and finite"),
     "missing option": (["merge", "run"], "the following arguments are required: --out (see lmtune merge --help)"),
     "unknown command": (["trian"], "argument COMMAND: invalid choice: 'trian'"),
     "bad option value": (["generate", "run", "--prompt", "hi", "--max-new-tokens", "many"],
@@ -89,6 +120,8 @@ CASES = {
     # models and adapters
     "nonexistent model": ([*TRAIN, "model.name=./no-such-model"], "model not found: ./no-such-model"),
     "corrupt model weights": ([*TRAIN, "model.name={corrupt_model}"], "cannot load model"),
+    "truncated GGUF": ([*TRAIN, "model.name=torn.gguf"], "torn.gguf: not a readable GGUF file ("),
+    "empty GGUF": ([*TRAIN, "model.name=empty.gguf"], "empty.gguf: not a readable GGUF file ("),
     "pickle-only model": ([*TRAIN, "model.name={pickle_model}"], "{pickle_model} holds only pickle weights"),
     "remote code not trusted": ([*TRAIN, "model.name={remote_code}"], "cannot load model"),
     "nonexistent run": (["generate", "no-run", "--prompt", "hi"], "run directory not found: no-run"),
@@ -96,6 +129,12 @@ CASES = {
                                 "corrupt_adapter/adapter_model.safetensors: cannot read adapter weights"),
     "corrupt adapter config": (["generate", "corrupt_config", "--prompt", "hi"],
                                "corrupt_config/adapter_config.json: cannot read"),
+    "aLoRA adapter": (["generate", "alora", "--prompt", "hi"], "alora/adapter_config.json: this PEFT LORA adapter sets "
+                      "alora_invocation_tokens=[5, 6], which lmtune does not implement"),
+    "DoRA adapter": (["generate", "dora", "--prompt", "hi"], "dora/adapter_config.json: this PEFT LORA adapter sets "
+                     "use_dora=True"),
+    "adapter on a changed base (PiSSA)": (["generate", "pissa", "--prompt", "hi"], "pissa/adapter_config.json: this "
+                                          "PEFT LORA adapter was initialised with init_lora_weights='pissa'"),
     "adapter for a different base model": (["generate", "other_base", "--prompt", "hi"],
                                            "other_base/adapter_model.safetensors: base_model.model.model.layers.0"),
     "merge of a method that cannot merge": (["merge", "no_merge", "--out", "merged"], "cannot merge 'nomerge'"),
@@ -195,6 +234,12 @@ def work(tmp_path_factory, model_dir, no_merge_method) -> dict[str, str]:
     write_jsonl(w / "long_text.jsonl", [{"text": "red green and blue " * 50}])
     (w / "invalid.yaml").write_text("data:\n  train: [good.jsonl\n")
     (w / "wrong_type.yaml").write_text("data: {train: good.jsonl}\ntrain: {batch_size: four}\n")
+    (w / "latin1.yaml").write_bytes("data: {train: good.jsonl}\n# caf\u00e9\n".encode("latin-1"))
+    (w / "twice.yaml").write_text("data: {train: good.jsonl}\ntrain: {lr: 1.0e-3}\nmodel: x\ntrain: {steps: 1}\n")
+    (w / "torn.parquet").write_bytes(b"PAR1" + b"\x00" * 60)
+    (w / "ragged.csv").write_text("prompt,completion\nhi,ok,extra\n")
+    (w / "torn.gguf").write_bytes(b"GGUF\x03\x00\x00\x00\x05")  # the header stops inside the tensor count
+    (w / "empty.gguf").write_bytes(b"")
 
     paths = {"model": model_dir, "gpt2": save_model(w / "gpt2", build_model("gpt2")),
              "no_template": save_model(w / "no_template", build_model("llama"), chat_template=None)}
@@ -218,7 +263,7 @@ def work(tmp_path_factory, model_dir, no_merge_method) -> dict[str, str]:
     base = lmtune.load_model(model_dir)[0]
     tuned = lmtune.apply(base, {"name": "lora", "init": "random"}, base_name=model_dir)
     save(tuned, w / "run", build_tokenizer())
-    for name in ("corrupt_adapter", "corrupt_config", "other_base"):
+    for name in ("corrupt_adapter", "corrupt_config", "other_base", "alora", "dora", "pissa"):
         shutil.copytree(w / "run", w / name)
         (w / name / "lmtune.json").unlink()  # a plain PEFT adapter directory
     (w / "corrupt_adapter" / "adapter_model.safetensors").write_bytes(b"not safetensors")
@@ -228,6 +273,9 @@ def work(tmp_path_factory, model_dir, no_merge_method) -> dict[str, str]:
                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)))
     peft = json.loads((w / "other_base" / "adapter_config.json").read_text())
     (w / "other_base" / "adapter_config.json").write_text(json.dumps({**peft, "base_model_name_or_path": wider}))
+    for name, option in (("alora", {"alora_invocation_tokens": [5, 6]}), ("dora", {"use_dora": True}),
+                         ("pissa", {"init_lora_weights": "pissa"})):  # options that change PEFT's outputs
+        (w / name / "adapter_config.json").write_text(json.dumps({**peft, **option}))
     save(lmtune.apply(lmtune.load_model(model_dir)[0], "nomerge", base_name=model_dir), w / "no_merge")
 
     from lmtune.config import load_config
@@ -381,3 +429,12 @@ def test_merge_that_fails_midway_leaves_no_directory(work, capfd, monkeypatch):
     assert one_line_error(code, stderr) == ("cannot write merged/model: No space left on device; free disk space "
                                             "or choose a writable directory")
     assert snapshot(w) == {**before, "merged": "dir"}  # the parent may stay; nothing inside it
+
+
+def test_eval_out_in_a_missing_directory_is_created_once_the_result_exists(work, capfd, monkeypatch, tmp_path):
+    """Not an error (it was a traceback): the directory is made after scoring, and the JSON written whole."""
+    monkeypatch.chdir(work["dir"])
+    out = tmp_path / "new" / "deeper" / "eval.json"
+    code, stderr = in_process(["eval", "--model", work["model"], "--data", "good.jsonl", "--out", str(out)], capfd)
+    assert code == 0, stderr
+    assert json.loads(out.read_text())["examples"] == 1 and list(out.parent.iterdir()) == [out]

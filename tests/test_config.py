@@ -124,3 +124,56 @@ def test_config_objects_validate_assignment():
     cfg = RunConfig(data={"train": "d.jsonl"})
     with pytest.raises(ValueError):
         cfg.train.lr = -1.0
+
+
+def _numeric_fields() -> list[tuple[str, object, list[str]]]:
+    """(dotted key, pydantic field, overrides that select its section) for every int / float key of every config."""
+    from typing import get_args
+
+    from pydantic import BaseModel
+
+    from lmtune.methods import get_method, method_names
+
+    def walk(cls, prefix, extra):
+        for name, field in cls.model_fields.items():
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                yield from walk(field.annotation, f"{prefix}{name}.", extra)
+            elif {field.annotation, *get_args(field.annotation)} & {int, float}:
+                yield f"{prefix}{name}", field, extra
+
+    found = list(walk(RunConfig, "", []))
+    for method in method_names():
+        found += walk(get_method(method).config, "method.", [f"method.name={method}"])
+    return found
+
+
+NUMERIC = _numeric_fields()
+
+
+@pytest.mark.parametrize("key, field, extra", NUMERIC, ids=[f"{k}[{','.join(e)}]" for k, _, e in NUMERIC])
+def test_every_numeric_key_has_bounds_and_refuses_values_past_them(key, field, extra):
+    """Each number of the typed config has a bound (a new key without one fails here); the value just past each
+    bound, and NaN and infinity for floats, are one-line errors that name the key."""
+    from typing import get_args
+
+    import annotated_types as at
+
+    from lmtune.errors import LmtuneError
+
+    is_float = float in {field.annotation, *get_args(field.annotation)}
+    step = 0.5 if is_float else 1
+    past = {at.Ge: lambda b: b.ge - step, at.Gt: lambda b: b.gt, at.Le: lambda b: b.le + step, at.Lt: lambda b: b.lt}
+    bad = [past[type(m)](m) for m in field.metadata if type(m) in past]
+    assert bad, f"{key} has no bound"
+    for value in [*bad, *([".nan", ".inf", "-.inf"] if is_float else [])]:
+        with pytest.raises(LmtuneError) as err:
+            load_config(None, ["data.train=x.jsonl", *extra, f"{key}={value}"])
+        assert str(err.value).startswith(f"config: '{key}': ") and "\n" not in str(err.value), (value, str(err.value))
+
+
+def test_a_data_source_weight_is_bounded():
+    from lmtune.errors import LmtuneError
+
+    for weight in ("0", "-1", "1001", "NaN"):
+        with pytest.raises(LmtuneError, match=r"^config: 'data.train.0.weight': must be"):
+            load_config(None, [f'data.train=[{{"path": "x.jsonl", "weight": {weight}}}]'])

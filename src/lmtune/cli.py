@@ -69,10 +69,13 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
     _export_parser(sub)
     s = sub.add_parser("studio", help="web page: configure, estimate, launch, watch, chat, compare",
                        description="Serve the lmtune studio, a local web page to configure a run (with its memory "
-                       "estimate live), launch and watch it, stop it cleanly, chat with the result and compare runs.")
+                       "estimate live), launch and watch it, stop it cleanly, chat with the result and compare runs. "
+                       "Open the address it prints: its ?token= is this start's secret, and only a page opened with "
+                       "it (from this machine's own address) can use the studio.")
     s.add_argument("--port", type=_port, default=7860, help="port to listen on (default 7860; 0 picks a free one)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    s.add_argument("--runs", default="runs", help="directory whose runs the page lists (default ./runs)")
+    s.add_argument("--runs", default="runs", help="directory whose runs the page lists, and the only place it "
+                   "launches, stops or chats with runs (default ./runs)")
     return p
 
 
@@ -106,7 +109,8 @@ def _eval_parser(sub) -> None:
                    "whitespace, articles, or none (default case,punctuation,whitespace)")
     v.add_argument("--max-new-tokens", type=int, help="tokens generated per answer (default: the reference "
                    "answer's length + 8)")
-    v.add_argument("--out", help="JSON file to write (default RUN_DIR/eval.json; none for a base model)")
+    v.add_argument("--out", help="JSON file to write, its directory created if missing (default RUN_DIR/eval.json; "
+                   "none for a base model)")
 
 
 def _compare_parser(sub) -> None:

@@ -1,7 +1,8 @@
 """The one exception type for mistakes a user can fix (bad config, data, paths).
 
-The CLI prints its message as one line and exits with status 2; anything else is a bug
-and keeps its traceback.
+The CLI prints its message as one line and exits with status 2; so it does for an OSError or
+UnicodeError that reaches it (a path the user gave: `os_error_line`). Anything else is a bug and
+keeps its traceback.
 """
 
 

@@ -20,7 +20,6 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch._subclasses.fake_tensor import is_fake
 from transformers import PreTrainedModel
 
 CHUNK_ELEMENTS = 2**23
@@ -81,6 +80,8 @@ def _chunk_starts(hidden: torch.Tensor, rows: int) -> range | list[int]:
     """Where each chunk starts. Traced on fake tensors (the memory estimate), the first two chunks and the last
     stand for all: each chunk allocates and frees the same buffers (the peak is two chunks' logits, the old one
     alive while the new one is made), and a 10**8-row batch would otherwise trace millions of chunks."""
+    from torch._subclasses.fake_tensor import is_fake
+
     starts = range(0, hidden.shape[0], rows)
     return [starts[0], starts[1], starts[-1]] if len(starts) > 3 and is_fake(hidden) else starts
 
