@@ -2,8 +2,8 @@
 """Write the quickstart's identity-only data: the hand-written identity conversations of
 make_identity_data.py, without the base model's ordinary answers (no model needed, instant).
 
-The quickstart keeps the model's other abilities with the forgetting guard (`data.preserve: general`)
-instead of mixing in ordinary answers by hand. Writes identity_only.jsonl (training; the same seeded
+For training with the forgetting guard (`data.preserve.prompts=general`) instead of ordinary answers mixed in
+by hand (README, "Forgetting guard"). Writes identity_only.jsonl (training; the same seeded
 share of examples carries a neutral system message as in identity.jsonl) and identity_only_eval.jsonl.
 
 Usage: python examples/make_identity_only.py [--out-dir examples/data]
