@@ -56,7 +56,9 @@ class MemoryPlan:
     task: Literal["sft", "dpo"] = "sft"
     """dpo: chosen + rejected per pair, plus a reference forward pass."""
     devices: int = 1
-    """Data-parallel devices; each holds a replica and `batch_size` sequences."""
+    """Data-parallel devices; each holds a replica (or, with sharding=fsdp, a shard) and `batch_size` sequences."""
+    sharding: Literal["none", "fsdp"] = "none"
+    """fsdp: weights, gradients and optimizer states split across `devices` (accelerate's FSDP plugin)."""
     device: Literal["cpu", "cuda"] = "cpu"
     clip_grad: bool = True
     trust_remote_code: bool = False
@@ -134,6 +136,11 @@ def estimate(plan: MemoryPlan) -> Estimate:
                           padded=not plan.packing)
         trainable, total = tuned.trainable_parameters()
         swaps = formulas.swaps(tuned, plan)
+        if plan.sharding == "fsdp" and plan.devices > 1:
+            from lmtune.memory.sharding import shard
+
+            shard(swaps, tuned, step.weights + swaps.weights, step.gradients_at_peak + swaps.gradients,
+                  step.optimizer + swaps.optimizer, plan.devices)
     return _breakdown(step, swaps, plan, trainable, total)
 
 
