@@ -118,3 +118,47 @@ def test_a_run_resumed_under_fsdp_ends_as_the_uninterrupted_one(runs):
         return [(r["step"], round(r["loss"], 5)) for r in rows if "loss" in r]
 
     assert losses("fsdp-resumed") == losses("one-lora") and len(losses("one-lora")) == 4
+
+
+@pytest.mark.parametrize("name, kind", [("fsdp", "FSDP"), ("deepspeed_zero2", "DEEPSPEED"),
+                                        ("deepspeed_zero3", "DEEPSPEED")])
+def test_shipped_accelerate_configs_parse_with_accelerates_own_classes(name, kind):
+    """accelerate's ClusterConfig refuses unknown keys; the FSDP one also builds accelerate's FSDP plugin."""
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    config = ClusterConfig.from_yaml_file(str(ROOT / "examples" / "accelerate" / f"{name}.yaml"))
+    assert config.distributed_type.value == kind
+    if kind == "FSDP":
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        # accelerate launch turns fsdp_config into FSDP_* variables; the plugin reads them as in a launched run.
+        env = {f"FSDP_{k.removeprefix('fsdp_').upper()}": str(v).lower() if isinstance(v, bool) else str(v)
+               for k, v in config.fsdp_config.items()}
+        with pytest.MonkeyPatch.context() as patch:
+            for key, value in {**env, "ACCELERATE_USE_FSDP": "true"}.items():
+                patch.setenv(key, value)
+            plugin = FullyShardedDataParallelPlugin()
+        assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
+    else:
+        assert config.deepspeed_config["zero_stage"] == int(name[-1])
+
+
+def test_print_launch_gives_a_multi_node_rendezvous(capsys):
+    from lmtune.cli import main
+
+    assert main(["train", "examples/quickstart.yaml", "--print-launch", "--nodes", "2", "--gpus", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "torchrun --nnodes=2 --nproc-per-node=4 --rdzv-backend=c10d --rdzv-endpoint=HEAD_NODE:29500" in out
+    assert "-m lmtune.cli train examples/quickstart.yaml" in out and "x 8" in out
+
+
+def test_fsdp_estimate_splits_weights_gradients_and_optimizer_states(model_dir):
+    """Per device under FSDP on 4 devices: a quarter of the states plus two gathered units, never more than DDP."""
+    from lmtune.memory import estimate
+    from lmtune.memory.core import MemoryPlan
+
+    ddp = estimate(MemoryPlan(model=model_dir, method="full", devices=4, batch_size=1, seq_len=16))
+    fsdp = estimate(MemoryPlan(model=model_dir, method="full", devices=4, batch_size=1, seq_len=16, sharding="fsdp"))
+    assert fsdp.optimizer == ddp.optimizer // 4
+    assert ddp.weights // 4 < fsdp.weights < ddp.weights
+    assert fsdp.activations == ddp.activations and fsdp.per_device < ddp.per_device

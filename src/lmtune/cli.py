@@ -34,6 +34,11 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
                        description="Train a model. Example: lmtune train examples/quickstart.yaml train.lr=1e-4")
     t.add_argument("config", nargs="?", help="YAML run config (optional when overrides give data.train)")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. method.r=16")
+    t.add_argument("--print-launch", action="store_true", help="print the torchrun / accelerate launch for "
+                   "--nodes x --gpus and exit (trains nothing)")
+    t.add_argument("--nodes", type=int, default=1, help="machines, for --print-launch (default 1)")
+    t.add_argument("--gpus", type=int, default=8, help="GPUs per machine, for --print-launch (default 8)")
+    t.add_argument("--sharding", default="ddp", help="ddp (replicas) or fsdp (sharded), for --print-launch")
     for name, help_text in (("generate", "answer one prompt"), ("chat", "talk with a model")):
         g = sub.add_parser(name, help=help_text, description=f"{help_text.capitalize()} with a trained run "
                            "or, with no RUN_DIR, a base model.")
@@ -189,6 +194,11 @@ def _config(args: argparse.Namespace):
 
 def _train(args: argparse.Namespace) -> None:
     cfg = _config(args)  # config mistakes surface before the slow training imports
+    if args.print_launch:
+        from lmtune.distributed import launch_commands
+
+        print(launch_commands([a for a in (args.config, *args.overrides) if a], args.nodes, args.gpus, args.sharding))
+        return
     from lmtune.train import run
 
     summary = run(cfg)

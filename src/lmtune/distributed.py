@@ -149,3 +149,27 @@ def gathered(accelerator: Accelerator, model: torch.nn.Module,
         yield replica, full
     finally:
         replica.to("meta")
+
+
+def launch_commands(train_args: list[str], nodes: int, gpus: int, sharding: str) -> str:
+    """The commands that run `lmtune train train_args` on `nodes` machines x `gpus` GPUs (printed, not run)."""
+    from lmtune.errors import LmtuneError
+
+    if nodes < 1 or gpus < 1:
+        raise LmtuneError("--nodes and --gpus must be >= 1")
+    if sharding not in ("ddp", "fsdp"):
+        raise LmtuneError(f"--sharding {sharding}: choose ddp or fsdp")
+    rest = " ".join(train_args)
+    lines = [f"# {nodes} node(s) x {gpus} GPU(s) = {nodes * gpus} processes, {sharding}; global batch = "
+             f"train.batch_size x train.grad_accum x {nodes * gpus}"]
+    if sharding == "ddp":
+        rdzv = "" if nodes == 1 else " --rdzv-backend=c10d --rdzv-endpoint=HEAD_NODE:29500 --rdzv-id=lmtune"
+        lines.append(f"torchrun --nnodes={nodes} --nproc-per-node={gpus}{rdzv} -m lmtune.cli train {rest}")
+    else:
+        multi = "" if nodes == 1 else " --machine_rank RANK_OF_THIS_NODE --main_process_ip HEAD_NODE " \
+                                      "--main_process_port 29500"
+        lines.append(f"accelerate launch --config_file examples/accelerate/fsdp.yaml --num_machines {nodes} "
+                     f"--num_processes {nodes * gpus}{multi} -m lmtune.cli train {rest}")
+    if nodes > 1:
+        lines.append("# run the same command on every node (HEAD_NODE: the address of node 0)")
+    return "\n".join(lines)

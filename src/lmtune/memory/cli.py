@@ -33,6 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "and orpo (pairs), kto (completions + mismatched rows, reference), reward (pairs, scalar head), "
                    "grpo (grpo.group_size completions of up to grpo.max_new_tokens per prompt, reference)")
     p.add_argument("--devices", type=int, help="data-parallel devices")
+    p.add_argument("--sharding", choices=("none", "fsdp"), help="fsdp: per-device figures under FSDP full sharding")
     p.add_argument("--device", choices=_CHOICES["device"], help="where it runs (default: cuda if present)")
     p.add_argument("--json", action="store_true", help="print the estimate as JSON")
 
@@ -65,7 +66,7 @@ def run(args: argparse.Namespace) -> None:
                              "labelled_fraction": args.labelled_fraction, "precision": args.precision,
                              "optimizer": args.optimizer, "quantization": args.quantization,
                              "gradient_checkpointing": args.gradient_checkpointing, "packing": args.packing,
-                             "devices": args.devices, "device": args.device}
+                             "devices": args.devices, "device": args.device, "sharding": args.sharding}
     plan = dataclasses.replace(plan, **{k: v for k, v in flags.items() if v is not None})
     est = estimate(plan)
     print(json.dumps(est.as_dict(), indent=2) if args.json else format_estimate(est))

@@ -67,7 +67,9 @@ class MemoryPlan:
     kl_beta: float = 0.04
     """grpo: KL weight (grpo.beta); not 0 means a reference, a frozen copy for full / freeze."""
     devices: int = 1
-    """Data-parallel devices; each holds a replica and `batch_size` sequences."""
+    """Data-parallel devices; each holds a replica (or, with sharding=fsdp, a shard) and `batch_size` sequences."""
+    sharding: Literal["none", "fsdp"] = "none"
+    """fsdp: weights, gradients and optimizer states split across `devices` (accelerate's FSDP plugin)."""
     device: Literal["cpu", "cuda"] = "cpu"
     clip_grad: bool = True
     trust_remote_code: bool = False
@@ -155,6 +157,11 @@ def estimate(plan: MemoryPlan) -> Estimate:
                           packed=plan.packing)
         trainable, total = tuned.trainable_parameters()
         swaps = formulas.swaps(tuned, plan)
+        if plan.sharding == "fsdp" and plan.devices > 1:
+            from lmtune.memory.sharding import shard
+
+            shard(swaps, tuned, step.weights + swaps.weights, step.gradients_at_peak + swaps.gradients,
+                  step.optimizer + swaps.optimizer, plan.devices)
         phases = formulas.other_phases(tuned, plan, config, shape, step, swaps, converts)
     swaps.notes[:0] = notes
     return _breakdown(step, swaps, phases, plan, trainable, total)
