@@ -157,8 +157,11 @@ def test_fsdp_estimate_splits_weights_gradients_and_optimizer_states(model_dir):
     from lmtune.memory import estimate
     from lmtune.memory.core import MemoryPlan
 
-    ddp = estimate(MemoryPlan(model=model_dir, method="full", devices=4, batch_size=1, seq_len=16))
-    fsdp = estimate(MemoryPlan(model=model_dir, method="full", devices=4, batch_size=1, seq_len=16, sharding="fsdp"))
+    # Long enough rows that the training step, not the checkpoint save, is the peak on both.
+    ddp = estimate(MemoryPlan(model=model_dir, method="full", devices=4, batch_size=4, seq_len=128))
+    fsdp = estimate(MemoryPlan(model=model_dir, method="full", devices=4, batch_size=4, seq_len=128,
+                               sharding="fsdp"))
+    assert max(ddp.phases, key=ddp.phases.get) == max(fsdp.phases, key=fsdp.phases.get) == "training step"
     assert fsdp.optimizer == ddp.optimizer // 4
     assert ddp.weights // 4 < fsdp.weights < ddp.weights
     assert fsdp.activations == ddp.activations and fsdp.per_device < ddp.per_device

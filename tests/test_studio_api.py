@@ -229,7 +229,15 @@ def test_schema_holds_every_config_key_and_method():
     sections = {name: prop["$ref"].split("/")[-1] for name, prop in schema["config"]["properties"].items()
                 if "$ref" in prop and "properties" in defs[prop["$ref"].split("/")[-1]]}
     assert {"model", "data", "train", "preference", "grpo"} <= set(sections)
-    keys = {f"{section}.{k}" for section, ref in sections.items() for k in defs[ref]["properties"]}
+    def flatten(prefix: str, ref: str) -> set[str]:  # nested sections (data.preserve) by their dotted keys
+        out = set()
+        for k, prop in defs[ref]["properties"].items():
+            inner = [r["$ref"] for r in [prop, *prop.get("anyOf", [])] if "$ref" in r]
+            nested = inner and "properties" in defs[inner[0].split("/")[-1]]
+            out |= flatten(f"{prefix}.{k}", inner[0].split("/")[-1]) if nested else {f"{prefix}.{k}"}
+        return out
+
+    keys = {k for section, ref in sections.items() for k in flatten(section, ref)}
     keys |= {k for k in schema["config"]["properties"] if k not in sections}
     documented = {line.split()[0] for line in describe_keys().splitlines()
                   if line.startswith("  ") and not line.startswith(("  method", "  (none)"))}

@@ -102,6 +102,31 @@ def storage_bytes(tensors: Iterator[torch.Tensor]) -> int:
     return sum(seen.values())
 
 
+# Traces may run in several threads at once (the studio starts a new estimate while a superseded one winds down),
+# so the transformers functions below are wrapped once and for good, and each wrapper reads its trace's setting
+# from a context variable (one per thread): outside a trace it is the original function. Swapping a function in
+# and back per trace would let two overlapping traces restore each other's wrapper and leave it in place.
+_KEEP_COUNT: contextvars.ContextVar[int | None] = contextvars.ContextVar("lmtune_keep_count", default=None)
+_ONE_SEQUENCE: contextvars.ContextVar[bool] = contextvars.ContextVar("lmtune_one_sequence", default=False)
+
+
+def _wrap_once(module, name: str, wrapper_for: Callable[[Callable], Callable]) -> None:
+    original = getattr(module, name)
+    if not getattr(original, "_lmtune_trace_wrapper", False):
+        wrapper = wrapper_for(original)
+        wrapper._lmtune_trace_wrapper = True
+        setattr(module, name, wrapper)
+
+
+def _select_kept(original: Callable) -> Callable:
+    def select(hidden: torch.Tensor, keep):
+        count = _KEEP_COUNT.get()
+        if count is not None and isinstance(keep, torch.Tensor) and keep.dtype == torch.bool and keep.ndim == 2:
+            return hidden.flatten(0, 1).index_select(0, torch.arange(count, device=hidden.device))
+        return original(hidden, keep)
+    return select
+
+
 @contextlib.contextmanager
 def keep_positions(model: torch.nn.Module, count: int) -> Iterator[None]:
     """Make a boolean `logits_to_keep` select its first `count` positions without reading the mask.
@@ -109,23 +134,20 @@ def keep_positions(model: torch.nn.Module, count: int) -> Iterator[None]:
     A boolean index has a data-dependent size, which fake tensors cannot know; the count is known here.
     `index_select` copies as boolean indexing does, and its backward scatters into zeros as index_put does.
     """
-    modules = {sys.modules[type(m).__module__] for m in model.modules()}
-    patched = [m for m in modules if hasattr(m, "slice_logits_to_keep")]
-    originals = {m: m.slice_logits_to_keep for m in patched}
-
-    def select(hidden: torch.Tensor, keep) -> torch.Tensor:
-        if isinstance(keep, torch.Tensor) and keep.dtype == torch.bool and keep.ndim == 2:
-            index = torch.arange(count, device=hidden.device)
-            return hidden.flatten(0, 1).index_select(0, index)
-        return originals[patched[0]](hidden, keep)
-
-    for m in patched:
-        m.slice_logits_to_keep = select
+    for module in {sys.modules[type(m).__module__] for m in model.modules()}:
+        if hasattr(module, "slice_logits_to_keep"):
+            _wrap_once(module, "slice_logits_to_keep", _select_kept)
+    token = _KEEP_COUNT.set(count)
     try:
         yield
     finally:
-        for m, original in originals.items():
-            m.slice_logits_to_keep = original
+        _KEEP_COUNT.reset(token)
+
+
+def _no_packing_when_one_sequence(original: Callable) -> Callable:
+    def find(position_ids):
+        return None if _ONE_SEQUENCE.get() else original(position_ids)
+    return find
 
 
 @contextlib.contextmanager
@@ -136,13 +158,12 @@ def one_sequence_per_row(active: bool) -> Iterator[None]:
     real run never allocates."""
     from transformers import masking_utils
 
-    original = masking_utils.find_packed_sequence_indices
-    if active:
-        masking_utils.find_packed_sequence_indices = lambda position_ids: None
+    _wrap_once(masking_utils, "find_packed_sequence_indices", _no_packing_when_one_sequence)
+    token = _ONE_SEQUENCE.set(active)
     try:
         yield
     finally:
-        masking_utils.find_packed_sequence_indices = original
+        _ONE_SEQUENCE.reset(token)
 
 
 def token_logps_loss(model: torch.nn.Module, input_ids: torch.Tensor, keep: torch.Tensor, count: int,
