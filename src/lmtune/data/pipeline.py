@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
@@ -60,19 +61,26 @@ def read_source(source: DataSource, d: DataConfig, tokenizer: PreTrainedTokenize
     return items, stats
 
 
-def load_data(d: DataConfig, tokenizer: PreTrainedTokenizerBase, task: str,
-              seed: int) -> tuple[list, list, TokenStats]:
-    """(train, eval, train stats): each training source held out (when no eval data) and weighted."""
-    use_chat_template(tokenizer, d.chat_template)
+def mix_sources(d: DataConfig, seed: int,
+                read: Callable[[DataSource], tuple[list, TokenStats]]) -> tuple[list, list, TokenStats]:
+    """(train, eval, train stats) from `read` of each source: each training source held out (when no eval data)
+    and weighted. Every task's records go through here, whatever `read` makes of them."""
     train, evals, stats = [], [], TokenStats()
-    fingerprint = token_cache.tokenizer_fingerprint(tokenizer) if d.cache else None
     for i, source in enumerate(d.train):
-        items, source_stats = read_source(source, d, tokenizer, task, fingerprint)
+        items, source_stats = read(source)
         stats.add(source_stats)
         if d.eval is None:
             items, held = split(items, d.eval_split, seed)
             evals += held
         train += reweight(items, source.weight, seed + i)
     for source in d.eval or ():
-        evals += read_source(source, d, tokenizer, task, fingerprint)[0]
+        evals += read(source)[0]
     return train, evals, stats
+
+
+def load_data(d: DataConfig, tokenizer: PreTrainedTokenizerBase, task: str,
+              seed: int) -> tuple[list, list, TokenStats]:
+    """(train, eval, train stats) of tokenised examples or pairs (`mix_sources`)."""
+    use_chat_template(tokenizer, d.chat_template)
+    fingerprint = token_cache.tokenizer_fingerprint(tokenizer) if d.cache else None
+    return mix_sources(d, seed, lambda source: read_source(source, d, tokenizer, task, fingerprint))

@@ -11,9 +11,9 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from lmtune.config import DataConfig
-from lmtune.data import TokenStats, reweight, split
+from lmtune.data import TokenStats
 from lmtune.data.format import _check_turns, _field, _uses_chat
-from lmtune.data.pipeline import options, use_chat_template
+from lmtune.data.pipeline import mix_sources, options, use_chat_template
 from lmtune.data.read import read_records
 from lmtune.errors import LmtuneError
 
@@ -72,17 +72,7 @@ def read_prompts(path: str, tokenizer: PreTrainedTokenizerBase, d: DataConfig) -
 def load_prompts(d: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> tuple[list, list, TokenStats]:
     """(train, eval, train stats) like `load_data`: held out when no eval file is given, weighted."""
     use_chat_template(tokenizer, d.chat_template)
-    train, evals, stats = [], [], TokenStats()
-    for i, source in enumerate(d.train):
-        rows, source_stats = read_prompts(source.path, tokenizer, d)
-        stats.add(source_stats)
-        if d.eval is None:
-            rows, held = split(rows, d.eval_split, seed)
-            evals += held
-        train += reweight(rows, source.weight, seed + i)
-    for source in d.eval or ():
-        evals += read_prompts(source.path, tokenizer, d)[0]
-    return train, evals, stats
+    return mix_sources(d, seed, lambda source: read_prompts(source.path, tokenizer, d))
 
 
 def collate_prompts(rows: list[PromptRow]) -> list[PromptRow]:

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lmtune.data import Example, TokenStats, collate, reweight, split
+from lmtune.data import Example, TokenStats, collate
 from lmtune.data.format import IGNORE, render_pair, tokenize
-from lmtune.data.pipeline import options, use_chat_template
+from lmtune.data.pipeline import mix_sources, options, use_chat_template
 from lmtune.data.read import read_records
 from lmtune.errors import LmtuneError
 from lmtune.objectives import sequence_logps
@@ -98,17 +98,7 @@ def load_unpaired(cfg, tokenizer) -> tuple[list[Unpaired], list[Unpaired], Token
         raise LmtuneError("task kto needs train.batch_size >= 2: its KL term pairs each prompt with another row's "
                           "completion")
     use_chat_template(tokenizer, d.chat_template)
-    train, evals, stats = [], [], TokenStats()
-    for i, source in enumerate(d.train):
-        rows, source_stats = read_unpaired(source.path, tokenizer, d)
-        stats.add(source_stats)
-        if d.eval is None:
-            rows, held = split(rows, d.eval_split, seed)
-            evals += held
-        train += reweight(rows, source.weight, seed + i)
-    for source in d.eval or ():
-        evals += read_unpaired(source.path, tokenizer, d)[0]
-    return train, evals, stats
+    return mix_sources(d, seed, lambda source: read_unpaired(source.path, tokenizer, d))
 
 
 def collate_unpaired(rows: list[Unpaired], pad_id: int, max_length: int | None = None) -> dict[str, torch.Tensor]:
