@@ -118,6 +118,15 @@ def _wrap_once(module, name: str, wrapper_for: Callable[[Callable], Callable]) -
         setattr(module, name, wrapper)
 
 
+@contextlib.contextmanager
+def _set(var: contextvars.ContextVar, value) -> Iterator[None]:
+    token = var.set(value)
+    try:
+        yield
+    finally:
+        var.reset(token)
+
+
 def _select_kept(original: Callable) -> Callable:
     def select(hidden: torch.Tensor, keep):
         count = _KEEP_COUNT.get()
@@ -137,11 +146,8 @@ def keep_positions(model: torch.nn.Module, count: int) -> Iterator[None]:
     for module in {sys.modules[type(m).__module__] for m in model.modules()}:
         if hasattr(module, "slice_logits_to_keep"):
             _wrap_once(module, "slice_logits_to_keep", _select_kept)
-    token = _KEEP_COUNT.set(count)
-    try:
+    with _set(_KEEP_COUNT, count):
         yield
-    finally:
-        _KEEP_COUNT.reset(token)
 
 
 def _no_packing_when_one_sequence(original: Callable) -> Callable:
@@ -159,11 +165,8 @@ def one_sequence_per_row(active: bool) -> Iterator[None]:
     from transformers import masking_utils
 
     _wrap_once(masking_utils, "find_packed_sequence_indices", _no_packing_when_one_sequence)
-    token = _ONE_SEQUENCE.set(active)
-    try:
+    with _set(_ONE_SEQUENCE, active):
         yield
-    finally:
-        _ONE_SEQUENCE.reset(token)
 
 
 def token_logps_loss(model: torch.nn.Module, input_ids: torch.Tensor, keep: torch.Tensor, count: int,
