@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -14,6 +16,11 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
 )
+
+# `train.precision: auto` would pick bf16 on a CPU with AMX / AVX512-BF16; the tests compare against fp32
+# oracles, so auto resolves as on a device without fast bf16 (tests/test_precision.py checks auto itself).
+# Set in the environment so that `lmtune` subprocesses started by tests see it too.
+os.environ.setdefault("LMTUNE_FAST_BF16", "0")
 
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
           "+ '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"

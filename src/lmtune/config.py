@@ -134,9 +134,11 @@ class TrainConfig(Strict):
     """Write a metrics line every N steps."""
     device: Literal["auto", "cpu"] = "auto"
     """`auto` uses the accelerator accelerate finds, `cpu` forces the CPU."""
-    precision: Literal["fp32", "bf16-mixed", "fp16-mixed", "bf16"] = "fp32"
-    """`fp32`; `bf16-mixed` / `fp16-mixed`: fp32 master weights, matmuls autocast to 16 bits (fp16 needs a
-    GPU); `bf16`: weights, gradients and optimizer states in bf16. The loss is always computed in fp32."""
+    precision: Literal["auto", "fp32", "bf16-mixed", "fp16-mixed", "bf16"] = "auto"
+    """`auto`: bf16 where the device multiplies bf16 natively (CUDA compute capability 8+, a CPU with AMX or
+    AVX512-BF16), else fp32; the run log says what it chose and why. `fp32`; `bf16-mixed` / `fp16-mixed`: fp32
+    master weights, matmuls autocast to 16 bits (fp16 needs a GPU); `bf16`: base weights in bf16 (a method's own
+    parameters stay fp32; full / freeze train bf16 weights). The loss is always computed in fp32."""
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in the backward pass: much less memory, ~30% more compute."""
     save_every: int | None = Field(500, ge=1)

@@ -99,7 +99,8 @@ def summary_markdown(cfg: RunConfig, summary: dict[str, Any], rows: list[dict], 
         f"| eval data | {summary.get('eval_examples', 0):,} examples |",
         f"| steps | {summary['steps']} x effective batch {summary['effective_batch']} "
         f"(lr {cfg.train.lr:g}, {cfg.train.schedule}, warm-up {cfg.train.warmup_steps}) |",
-        f"| precision | {cfg.train.precision} |",
+        f"| precision | {summary.get('precision', cfg.train.precision)}"
+        f"{' (auto)' if cfg.train.precision == 'auto' else ''} |",
         f"| time | {summary.get('train_seconds', 0):.1f} s ({summary.get('train_seconds', 0) / steps:.2f} s / step, "
         "evals included) |",
     ]

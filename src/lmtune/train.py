@@ -39,6 +39,7 @@ from lmtune.monitor import (
     write_plots,
     write_summary,
 )
+from lmtune.precision import resolve as resolve_precision
 from lmtune.objectives import label_weight, real_tokens, sequence_logps
 from lmtune.quantize import check_method
 from lmtune.resume import (
@@ -126,9 +127,9 @@ def evaluate_loss(model: torch.nn.Module, loader: DataLoader, objective, device:
     return evaluate(model, loader, objective, device)["loss"]
 
 
-def _weights_dtype(cfg: RunConfig) -> str:
+def _weights_dtype(cfg: RunConfig, precision: str) -> str:
     """The dtype the base weights load in: mixed precision keeps fp32 master weights, `bf16` does not."""
-    precision, dtype = cfg.train.precision, cfg.model.dtype
+    dtype = cfg.model.dtype
     if precision == "bf16":
         if dtype not in ("float32", "bfloat16"):
             raise LmtuneError(f"train.precision=bf16 loads the weights in bfloat16; drop model.dtype={dtype}")
@@ -139,9 +140,9 @@ def _weights_dtype(cfg: RunConfig) -> str:
     return dtype
 
 
-def _accelerator(t: TrainConfig) -> Accelerator:
+def _accelerator(t: TrainConfig, precision: str) -> Accelerator:
     """Devices, mixed precision and (under torchrun / accelerate launch) the process group, from accelerate."""
-    mixed = {"bf16-mixed": "bf16", "fp16-mixed": "fp16"}.get(t.precision, "no")
+    mixed = {"bf16-mixed": "bf16", "fp16-mixed": "fp16"}.get(precision, "no")
     if mixed == "fp16" and (t.device == "cpu" or not torch.cuda.is_available()):
         # accelerate would silently run fp32 here: the CPU's autocast has no fp16.
         raise LmtuneError("train.precision=fp16-mixed needs a CUDA GPU; on the CPU use bf16-mixed")
@@ -164,7 +165,8 @@ def _run(cfg: RunConfig, lock: RunLock) -> dict:
     source = resume_point(cfg, out)
     m, t = cfg.model, cfg.train
     check_method(cfg.method.name, get_method(cfg.method.name).saves_whole_model, m.quantization)
-    accelerator = _accelerator(t)
+    precision, why = resolve_precision(cfg)
+    accelerator = _accelerator(t, precision)
     reset_peak_memory(accelerator.device)
     task = get_task(cfg.task)
     if task.one_process and accelerator.num_processes > 1:
@@ -172,7 +174,7 @@ def _run(cfg: RunConfig, lock: RunLock) -> dict:
         raise LmtuneError(f"task {task.name} runs on one process for now; launch it without torchrun / accelerate")
     if not accelerator.is_main_process:
         log.setLevel(logging.WARNING)  # one copy of the progress log, from rank 0
-    model, tokenizer = load_model(m.name, _weights_dtype(cfg), m.trust_remote_code, quantization=m.quantization,
+    model, tokenizer = load_model(m.name, _weights_dtype(cfg, precision), m.trust_remote_code, quantization=m.quantization,
                                   quant_type=m.quant_type, double_quant=m.double_quant)
     # Data before anything is logged or written: a bad record fails as one line and leaves no directory.
     train_set, eval_set, stats = _load_data(cfg, task, tokenizer)
@@ -192,6 +194,7 @@ def _run(cfg: RunConfig, lock: RunLock) -> dict:
         prepare(out, source)
     accelerator.wait_for_everyone()
     log.info(tuned.describe_parameters())
+    log.info("precision: %s (%s%s)", precision, "auto: " if t.precision == "auto" else "", why)
     log.info("%s", memory_report)
     log.info("data: %d train / %d eval %s, %d truncated (%d tokens cut), %d dropped with no labels%s",
              len(train_set), len(eval_set), "packed rows" if cfg.data.packing else "examples", stats.truncated,
@@ -226,6 +229,7 @@ def _run(cfg: RunConfig, lock: RunLock) -> dict:
     summary["data"] = asdict(stats)
     summary["effective_batch"] = t.batch_size * t.grad_accum * world
     summary["eval_examples"] = len(eval_set)
+    summary["precision"] = precision
     summary.update(peak_memory(accelerator.device))
     summary.update(memory_report.check(accelerator.device))  # the measured peak next to the prediction
     accelerator.wait_for_everyone()

@@ -24,7 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labelled-fraction", type=float,
                    help="share of positions that carry loss (default 1.0, the worst case)")
     p.add_argument("--precision", choices=_CHOICES["precision"],
-                   help="fp32, pure bf16/fp16, or mixed (fp32 master weights + 16-bit autocast)")
+                   help="fp32, pure bf16/fp16, or mixed (fp32 master weights + 16-bit autocast); default: the "
+                   "config's train.precision (auto: bf16 where the device multiplies bf16 natively)")
     p.add_argument("--optimizer", choices=_CHOICES["optimizer"])
     p.add_argument("--quantization", choices=_CHOICES["quantization"], help="8/4-bit frozen base weights")
     p.add_argument("--gradient-checkpointing", action="store_true", default=None)
@@ -46,6 +47,8 @@ def _run_config(args: argparse.Namespace):
         config, overrides = None, [config, *overrides]
     if args.method:
         overrides.insert(0, f"method.name={args.method}")
+    if args.quantization:  # through the config too: train.precision=auto depends on it
+        overrides.insert(0, f"model.quantization={args.quantization}")
     if args.task:  # through the config, so the task registry names the step it traces
         overrides.insert(0, f"task={args.task}")
     if config is not None:

@@ -12,6 +12,7 @@ import torch
 from lmtune.errors import LmtuneError
 from lmtune.memory.allocator import configure_allocator
 from lmtune.memory.core import _MODEL_DTYPE_PRECISION, Estimate, MemoryPlan, estimate
+from lmtune.precision import resolve as resolve_precision
 from lmtune.tasks import get_task
 
 GIB = 2**30
@@ -67,7 +68,7 @@ def plan_from_config(cfg) -> MemoryPlan:
     device = "cuda" if train.device != "cpu" and torch.cuda.is_available() else "cpu"
     return MemoryPlan(
         model=model.name, method=cfg.method, batch_size=train.batch_size, seq_len=data.max_length,
-        precision=getattr(train, "precision", None) or _MODEL_DTYPE_PRECISION[model.dtype],
+        precision=resolve_precision(cfg)[0] if hasattr(train, "precision") else _MODEL_DTYPE_PRECISION[model.dtype],
         optimizer=getattr(train, "optimizer", "adamw"),
         gradient_checkpointing=bool(getattr(train, "gradient_checkpointing", False)),
         quantization=getattr(model, "quantization", None) or "none",
