@@ -51,6 +51,28 @@ def test_dpo_learns_the_preferences_from_a_reference_equal_to_the_start(tmp_path
     assert {"rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy"} <= set(trained[-1])
 
 
+def test_cached_reference_trains_exactly_as_the_switched_off_model(tmp_path, model_dir, monkeypatch):
+    """LoRA over several epochs caches the reference log-probs up front (one forward less per step); the run must
+    equal one that scores the switched-off model every step. Random init: the untrained adapter is not the base."""
+    from lmtune.tasks import reference
+
+    data = write_jsonl(tmp_path / "p.jsonl", PAIRS)
+    args = ["task=dpo", "method.init=random", "method.dropout=0", "train.steps=6", "train.batch_size=2",
+            f"data.eval={data}", "train.lr=1e-2", "preference.beta=1.0"]
+    calls = []
+    cache = reference.cache_pair_logps
+    monkeypatch.setattr(reference, "cache_pair_logps", lambda *a, **k: calls.append(1) or cache(*a, **k))
+    cached = train(tmp_path, model_dir, "cached", data, *args)  # 12 visits of 4 + 4 pairs: cached
+    assert calls == [1]
+    monkeypatch.setattr(reference, "cache_pays", lambda *a: False)
+    switched = train(tmp_path, model_dir, "switched", data, *args)
+    assert calls == [1]
+    for a, b in zip(rows(tmp_path, "cached"), rows(tmp_path, "switched"), strict=True):
+        assert a.keys() == b.keys()
+        for key in a.keys() - {"tokens_per_s", "step_seconds"}:
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key
+
+
 def test_simpo_trains_without_a_reference(tmp_path, model_dir):
     data = write_jsonl(tmp_path / "p.jsonl", PAIRS)
     summary = train(tmp_path, model_dir, "simpo", data, "task=simpo", "method.target_modules=all-linear",

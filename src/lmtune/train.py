@@ -216,7 +216,8 @@ def _run(cfg: RunConfig, lock: RunLock) -> dict:
                                   weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, t.warmup_steps, steps, t.schedule))
-    if task.reference == "sequences" and reference.kind(tuned, cacheable=True) == "cached":
+    visits = steps * t.batch_size * t.grad_accum * world
+    if task.reference == "sequences" and reference.cache_pays(tuned, visits, len(train_set) + len(eval_set)):
         # Before a checkpoint is restored: the reference is the model as it was before any training.
         reference.cache_pair_logps(tuned.to(accelerator.device), train_set + eval_set, pad, t.batch_size,
                                    accelerator.device, sequence_logps)

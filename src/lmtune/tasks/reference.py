@@ -74,6 +74,14 @@ def reference_model(model: nn.Module) -> Iterator[nn.Module]:
         yield held.to(device)
 
 
+def cache_pays(model: nn.Module, visits: int, pairs: int) -> bool:
+    """Whether to score the reference once, before training, for fixed pairs: a must for a method that cannot be
+    switched off; for one that can, the cache costs one no-grad forward per pair up front and saves one per pair
+    per visit, so it pays when training visits the pairs more often than there are pairs (and it is the same
+    figure: the switched-off model is the untrained base at every step)."""
+    return kind(model, cacheable=True) == "cached" or visits > pairs
+
+
 @torch.no_grad()
 def cache_pair_logps(model: nn.Module, pairs: list, collate_fn: Callable[[list], dict[str, torch.Tensor]],
                      batch_size: int, device: Any,
@@ -85,7 +93,8 @@ def cache_pair_logps(model: nn.Module, pairs: list, collate_fn: Callable[[list],
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
         batch = {k: v.to(device) for k, v in collate_fn(chunk).items()}
-        chosen, rejected = sequence_logps(model, batch)[0].chunk(2)
+        with switched_off(model) if can_switch_off(model) else nullcontext():
+            chosen, rejected = sequence_logps(model, batch)[0].chunk(2)
         for pair, c, r in zip(chunk, chosen.tolist(), rejected.tolist(), strict=True):
             pair.ref_logps = (c, r)
     model.train(was_training)
