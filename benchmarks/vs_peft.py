@@ -1,8 +1,9 @@
 """lmtune against PEFT + transformers, side by side: tokens/s, seconds/step, peak memory, MFU.
 
 Usage: python benchmarks/vs_peft.py [--model PATH] [--large] [--methods lora,ia3,...] [--batch-size 4]
-       [--seq-len 128] [--steps 3] [--warmup 1] [--repeats 3] [--label-fraction 0.5] [--trl] [--varlen]
-       [--threads N] [--cpu-time] [--out benchmarks/results/vs_peft.md]
+       [--seq-len 128] [--steps 3] [--warmup 1] [--repeats 3] [--label-fraction 1.0,0.5]
+       [--precision fp32,bf16] [--device cpu|cuda] [--trl] [--varlen] [--threads N] [--cpu-time]
+       [--out benchmarks/results/vs_peft.md]
 
 Every measurement runs in a fresh process (`--child`), and the two sides alternate (A, B, A, B ...), so drift
 of a shared machine hits both alike. In each process the same model is loaded, the same method settings
@@ -19,7 +20,12 @@ applied (PEFT's config is lmtune's own `to_peft` of the lmtune config), the same
   useful (non-pad) tokens per second.
 
 Fixed-shape batches are `batch x seq-len` random tokens, every row full; the last `label-fraction` of each row
-is the completion (labelled), the rest the prompt (label -100), as in SFT.
+is the completion (labelled), the rest the prompt (label -100), as in SFT. Each fraction given (default 1.0 and
+0.5) and each precision is its own row. Precision, the same on both sides: `fp32`; `bf16` (base weights loaded in
+bf16; lmtune's and PEFT's adapters both stay fp32); `bf16-mixed` (fp32 weights, bf16 autocast: accelerate's for
+lmtune, `torch.autocast` around the peer's forward). TRL and the variable-length rows run in fp32 only.
+`--device cuda`: both sides on the GPU, steps timed after `torch.cuda.synchronize()`, memory from
+`torch.cuda.max_memory_allocated` (weights included, both sides alike).
 
 Timing: wall time by default; `--cpu-time` times each step by the process's CPU time instead, which with
 `--threads 1` does not count the time other jobs on a shared machine take from it (the matmul rate alike).
@@ -29,7 +35,8 @@ loaded, with glibc told to return freed memory at once (so allocator caching doe
 MFU: model FLOPs per step (2·T per weight forward, 2·T backward to the inputs, 2·T more for a weight that
 trains; the LM head only on labelled positions; causal attention 2·B·S²·H per layer forward, x3 with
 backward) over the step time, against the measured `torch.mm` rate at the model's own Linear shapes
-(M = batch x seq-len rows, FLOP-weighted), in the same number of threads.
+(M = batch x seq-len rows, FLOP-weighted), in the same number of threads, in bf16 for the bf16 rows (the rate
+the hardware can reach in that precision).
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {  # lmtune's settings; the peer gets the same through the method's to_peft
     "lora": {"name": "lora", "r": 8, "alpha": 16, "target_modules": "all-linear"},
+    "qlora": {"name": "lora", "r": 8, "alpha": 16, "target_modules": "all-linear"},  # on a 4-bit NF4 base
     "ia3": {"name": "ia3"},
     "prompt": {"name": "prompt", "num_virtual_tokens": 20},
     "p-tuning": {"name": "p-tuning", "num_virtual_tokens": 20},
@@ -114,14 +122,34 @@ clock = time.perf_counter
 """What steps are timed with: wall time, or (`--cpu-time`) the process's CPU time."""
 
 
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def _timed_loop(step, batches, warmup: int, steps: int) -> list[float]:
     times = []
     for i in range(warmup + steps):
+        _sync()
         started = clock()
         step(batches[i % len(batches)])
+        _sync()
         if i >= warmup:
             times.append(clock() - started)
     return times
+
+
+def _on_device(module, spec: dict):
+    """On the benchmark's device; a quantized base is already there (bitsandbytes places it while loading)."""
+    return module if spec["method"] == "qlora" else module.to(spec["device"])
+
+
+def _autocast(spec: dict):
+    import torch
+
+    return torch.autocast(spec["device"], dtype=torch.bfloat16, enabled=spec["precision"] == "bf16-mixed")
 
 
 def _lmtune(spec: dict, model, tokenizer) -> dict:
@@ -132,8 +160,9 @@ def _lmtune(spec: dict, model, tokenizer) -> dict:
     from lmtune.train import train_step
     from lmtune.tuned import apply
 
-    tuned = apply(model, METHODS[spec["method"]], tokenizer=tokenizer)
-    accelerator = Accelerator(cpu=True, mixed_precision="no")
+    tuned = _on_device(apply(model, METHODS[spec["method"]], tokenizer=tokenizer), spec)
+    accelerator = Accelerator(cpu=spec["device"] == "cpu",
+                              mixed_precision="bf16" if spec["precision"] == "bf16-mixed" else "no")
     optimizer = torch.optim.AdamW([p for p in tuned.parameters() if p.requires_grad], lr=LR,
                                   weight_decay=WEIGHT_DECAY)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
@@ -161,7 +190,7 @@ def _batches(spec: dict, tokenizer, model, packed: bool) -> list[dict]:
     from lmtune.data.pack import collate_packed, pack
 
     if spec["data"] == "fixed":
-        return [_fixed_batch(spec, model.config.vocab_size)]
+        return [{k: v.to(spec["device"]) for k, v in _fixed_batch(spec, model.config.vocab_size).items()}]
     examples = _varlen_examples(spec, tokenizer)
     rows = pack(examples, spec["seq"]) if packed else examples
     loader = DataLoader(rows, batch_size=spec["batch"], shuffle=True, generator=torch.Generator().manual_seed(0),
@@ -183,7 +212,7 @@ def _peer_model(spec: dict, model, tokenizer):
     from lmtune.methods import get_method, parse_method_config
     from lmtune.tuned import apply
 
-    method = get_method(spec["method"])
+    method = get_method(METHODS[spec["method"]]["name"])
     if spec["method"] in ("adapter", "full", "freeze"):
         return apply(model, METHODS[spec["method"]], tokenizer=tokenizer).model
     cfg = parse_method_config(METHODS[spec["method"]])
@@ -195,7 +224,7 @@ def _peer_model(spec: dict, model, tokenizer):
 def _peft(spec: dict, model, tokenizer) -> dict:
     import torch
 
-    peer = _peer_model(spec, model, tokenizer)
+    peer = _on_device(_peer_model(spec, model, tokenizer), spec)
     peer.train()
     params = [p for p in peer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)
@@ -203,8 +232,9 @@ def _peft(spec: dict, model, tokenizer) -> dict:
     losses = []
 
     def step(batch):
-        loss = peer(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    labels=batch["labels"]).loss
+        with _autocast(spec):
+            loss = peer(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        labels=batch["labels"]).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
         optimizer.step()
@@ -242,7 +272,7 @@ def _trainer_args(spec: dict, work: str, cls=None, **extra):
     return cls(output_dir=work, max_steps=spec["warmup"] + spec["steps"], per_device_train_batch_size=spec["batch"],
                learning_rate=LR, weight_decay=WEIGHT_DECAY, max_grad_norm=MAX_GRAD_NORM,
                lr_scheduler_type="constant", save_strategy="no", report_to="none", logging_steps=10_000,
-               use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, seed=0, **extra)
+               use_cpu=spec["device"] == "cpu", dataloader_num_workers=0, disable_tqdm=True, seed=0, **extra)
 
 
 def _clock_result(clock, spec: dict, tokens: list[int]) -> dict:
@@ -316,9 +346,15 @@ def child(spec: dict) -> None:
         import trl  # noqa: F401
     base = _rss_kb()
     torch.manual_seed(0)
-    model, tokenizer = load_model(spec["model"])
+    # qlora: both sides get the same bitsandbytes 4-bit NF4 base (double quantization), computing in bf16 / fp32
+    quantized = {"quantization": "4bit", "double_quant": True} if spec["method"] == "qlora" else {}
+    model, tokenizer = load_model(spec["model"], "bfloat16" if spec["precision"] == "bf16" else "float32",
+                                  **quantized)
     result = SIDES[spec["side"]](spec, model, tokenizer)
-    result["peak_mb"] = (_rss_kb() - base) / 1024
+    if spec["device"] == "cuda":
+        result["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        result["peak_mb"] = (_rss_kb() - base) / 1024
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -338,14 +374,18 @@ def matmul_rates(spec: dict) -> None:
             shapes[(m.in_features, m.out_features)] = shapes.get((m.in_features, m.out_features), 0) + 1
     rows = spec["batch"] * spec["seq"]
     flops = seconds = 0.0
+    dtype = torch.float32 if spec["precision"] == "fp32" else torch.bfloat16
     for (k, n), count in shapes.items():
-        a, b = torch.randn(rows, k), torch.randn(k, n)
+        a = torch.randn(rows, k, device=spec["device"], dtype=dtype)
+        b = torch.randn(k, n, device=spec["device"], dtype=dtype)
         torch.mm(a, b)
         best = float("inf")
         now = time.process_time if spec.get("cpu_time") else time.perf_counter
         for _ in range(5):
+            _sync()
             started = now()
             torch.mm(a, b)
+            _sync()
             best = min(best, now() - started)
         flops += count * 2 * rows * k * n
         seconds += count * best
@@ -446,7 +486,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     p.add_argument("--repeats", type=int, default=3, help="interleaved lmtune / peer pairs per row")
-    p.add_argument("--label-fraction", type=float, default=0.5, help="labelled (completion) share of each row")
+    p.add_argument("--label-fraction", default="1.0,0.5",
+                   help="labelled (completion) share of each row; comma-separated, one table row each")
+    p.add_argument("--precision", default="fp32", help="comma-separated, from: fp32, bf16, bf16-mixed")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--cpu-time", action="store_true",
                    help="time steps by the process's CPU time, not wall time (with --threads 1: robust to other load)")
@@ -459,28 +502,39 @@ def main() -> None:
     if args.rates:
         return matmul_rates(json.loads(args.rates))
     spec = {"model": args.model, "batch": args.batch_size, "seq": args.seq_len, "steps": args.steps,
-            "warmup": args.warmup, "label_fraction": args.label_fraction, "threads": args.threads, "data": "fixed",
-            "cpu_time": args.cpu_time}
+            "warmup": args.warmup, "label_fraction": 0.5, "threads": args.threads, "data": "fixed",
+            "cpu_time": args.cpu_time, "device": args.device, "precision": "fp32"}
+    fractions = [float(f) for f in args.label_fraction.split(",") if f]
+    precisions = [x for x in args.precision.split(",") if x]
+    unknown = set(precisions) - {"fp32", "bf16", "bf16-mixed"}
+    if unknown:
+        p.error(f"--precision: unknown {', '.join(sorted(unknown))}; choose from fp32, bf16, bf16-mixed")
     lines = [*HEADER]
     with tempfile.TemporaryDirectory() as tmp:
         models = [(Path(args.model).name if args.model else "SmolLM2-135M-Instruct", args.model)]
         if args.large:
             models.append(("llama 360M-shape (random)", build_large(Path(tmp) / "large")))
         for label, model in models:
-            rate = _rates({**spec, "model": model})
-            print(f"{label}: torch.mm {rate:.1f} GFLOP/s", flush=True)
-            lines.append(f"| **{label}** (torch.mm: {rate:.0f} GFLOP/s) | | | | | | | | |")
-            names = [n for n in args.methods.split(",") if n] if model == args.model else ["lora"]
-            for name in names:
-                peer = "PEFT + loop" if name not in ("adapter", "full", "freeze") else "transformers + loop"
-                c = compare({**spec, "model": model, "method": name}, "lmtune", "peft", args.repeats)
-                lines.append(table_row(name, peer, c, rate))
+            for precision in precisions:
+                at = {**spec, "model": model, "precision": precision}
+                rate = _rates(at)
+                print(f"{label}, {precision}: torch.mm {rate:.1f} GFLOP/s", flush=True)
+                lines.append(f"| **{label}, {precision}** (torch.mm: {rate:.0f} GFLOP/s) | | | | | | | | |")
+                names = [n for n in args.methods.split(",") if n] if model == args.model else ["lora"]
+                for name in names:
+                    peer = "PEFT + loop" if name not in ("adapter", "full", "freeze") else "transformers + loop"
+                    for fraction in fractions:
+                        c = compare({**at, "method": name, "label_fraction": fraction}, "lmtune", "peft",
+                                    args.repeats)
+                        lines.append(table_row(f"{name}, {fraction:.0%} labelled", peer, c, rate))
             if args.trl and model == args.model:
-                c = compare({**spec, "model": model, "method": "lora"}, "lmtune", "trl", args.repeats)
-                lines.append(table_row("lora", "PEFT + TRL SFTTrainer", c, rate))
+                c = compare({**spec, "model": model, "method": "lora", "label_fraction": fractions[-1]}, "lmtune",
+                            "trl", args.repeats)
+                lines.append(table_row(f"lora, fp32, {fractions[-1]:.0%} labelled", "PEFT + TRL SFTTrainer", c,
+                                       None))
         if args.varlen:
             c = compare({**spec, "method": "lora", "data": "varlen"}, "lmtune", "trainer", args.repeats)
-            lines.append("| **variable-length SFT data** (useful tokens/s) | | | | | | | | |")
+            lines.append("| **variable-length SFT data, fp32** (useful tokens/s) | | | | | | | | |")
             lines.append(table_row("lora, lmtune packing", "PEFT + Trainer, padding", c, None))
     table = "\n".join(lines) + "\n"
     print(table)
