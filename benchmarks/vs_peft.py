@@ -459,6 +459,19 @@ HEADER = ["| method | peer | tokens/s lmtune / peer | tokens/s ratio | s/step lm
           "|---|---|---|---|---|---|---|---|---|"]
 
 
+def precision_rows(label: str, at: dict, names: list[str], fractions: list[float], repeats: int) -> list[str]:
+    """The table rows of one model in one precision: every method, every labelled fraction."""
+    rate = _rates(at)
+    print(f"{label}, {at['precision']}: torch.mm {rate:.1f} GFLOP/s", flush=True)
+    lines = [f"| **{label}, {at['precision']}** (torch.mm: {rate:.0f} GFLOP/s) | | | | | | | | |"]
+    for name in names:
+        peer = "PEFT + loop" if name not in ("adapter", "full", "freeze") else "transformers + loop"
+        for fraction in fractions:
+            c = compare({**at, "method": name, "label_fraction": fraction}, "lmtune", "peft", repeats)
+            lines.append(table_row(f"{name}, {fraction:.0%} labelled", peer, c, rate))
+    return lines
+
+
 def build_large(directory: Path) -> str:
     """The larger llama, random weights, saved once (with the default model's tokenizer) for every child."""
     import torch
@@ -515,18 +528,10 @@ def main() -> None:
         if args.large:
             models.append(("llama 360M-shape (random)", build_large(Path(tmp) / "large")))
         for label, model in models:
+            names = [n for n in args.methods.split(",") if n] if model == args.model else ["lora"]
             for precision in precisions:
-                at = {**spec, "model": model, "precision": precision}
-                rate = _rates(at)
-                print(f"{label}, {precision}: torch.mm {rate:.1f} GFLOP/s", flush=True)
-                lines.append(f"| **{label}, {precision}** (torch.mm: {rate:.0f} GFLOP/s) | | | | | | | | |")
-                names = [n for n in args.methods.split(",") if n] if model == args.model else ["lora"]
-                for name in names:
-                    peer = "PEFT + loop" if name not in ("adapter", "full", "freeze") else "transformers + loop"
-                    for fraction in fractions:
-                        c = compare({**at, "method": name, "label_fraction": fraction}, "lmtune", "peft",
-                                    args.repeats)
-                        lines.append(table_row(f"{name}, {fraction:.0%} labelled", peer, c, rate))
+                lines += precision_rows(label, {**spec, "model": model, "precision": precision}, names, fractions,
+                                        args.repeats)
             if args.trl and model == args.model:
                 c = compare({**spec, "model": model, "method": "lora", "label_fraction": fractions[-1]}, "lmtune",
                             "trl", args.repeats)

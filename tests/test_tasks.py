@@ -62,10 +62,10 @@ def test_cached_reference_trains_exactly_as_the_switched_off_model(tmp_path, mod
     calls = []
     cache = reference.cache_pair_logps
     monkeypatch.setattr(reference, "cache_pair_logps", lambda *a, **k: calls.append(1) or cache(*a, **k))
-    cached = train(tmp_path, model_dir, "cached", data, *args)  # 12 visits of 4 + 4 pairs: cached
+    train(tmp_path, model_dir, "cached", data, *args)  # 12 visits of 4 + 4 pairs: cached
     assert calls == [1]
     monkeypatch.setattr(reference, "cache_pays", lambda *a: False)
-    switched = train(tmp_path, model_dir, "switched", data, *args)
+    train(tmp_path, model_dir, "switched", data, *args)
     assert calls == [1]
     for a, b in zip(rows(tmp_path, "cached"), rows(tmp_path, "switched"), strict=True):
         assert a.keys() == b.keys()

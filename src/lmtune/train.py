@@ -39,8 +39,8 @@ from lmtune.monitor import (
     write_plots,
     write_summary,
 )
-from lmtune.precision import resolve as resolve_precision
 from lmtune.objectives import label_weight, real_tokens, sequence_logps
+from lmtune.precision import resolve as resolve_precision
 from lmtune.quantize import check_method
 from lmtune.resume import (
     Start,
