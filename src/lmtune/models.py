@@ -26,6 +26,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from lmtune import attention
 from lmtune.errors import LmtuneError
 from lmtune.quantize import bnb_config, keep_training_layout
 
@@ -118,7 +119,7 @@ def load_weights(name: str | None = None, dtype: str = "float32", trust_remote_c
             if quantized is not None:
                 raise LmtuneError("model.quantization needs a transformers model directory or hub id, not a GGUF "
                                   "file; convert it first (load it once and save_pretrained)")
-            return _load_gguf(Path(source), _DTYPES[dtype])
+            return attention.use(_load_gguf(Path(source), _DTYPES[dtype]))
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)  # clear errors first
         auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM  # T5 / BART
         extra = {"quantization_config": quantized, "device_map": _quantized_device()} if quantized else {}
@@ -138,7 +139,7 @@ def load_weights(name: str | None = None, dtype: str = "float32", trust_remote_c
             raise LmtuneError(f"{source} holds only pickle weights (.bin), which lmtune never loads (unpickling "
                               "can run code); convert them to safetensors from a copy you trust") from None
         raise LmtuneError(f"cannot load model '{name or DEFAULT_MODEL}': {_first_line(err)}") from None
-    return model.eval()
+    return attention.use(model).eval()
 
 
 def _own_float_tensors(model: PreTrainedModel) -> None:

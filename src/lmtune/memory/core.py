@@ -16,6 +16,7 @@ from typing import Any, Literal
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from lmtune import attention
 from lmtune.errors import LmtuneError
 from lmtune.memory import formulas
 from lmtune.memory.tasks import SHAPES, TASKS
@@ -138,7 +139,7 @@ def estimate(plan: MemoryPlan) -> Estimate:
     with FakeTensorMode(allow_non_fake_inputs=True):
         model = AutoModelForCausalLM.from_config(config, dtype=_WEIGHT_DTYPE[plan.precision],
                                                  trust_remote_code=plan.trust_remote_code)
-        tuned = apply(model, plan.method, base_name=plan.model)
+        tuned = apply(attention.use(model), plan.method, base_name=plan.model)  # the attention training uses
         if not any(p.requires_grad for p in tuned.parameters()):
             raise LmtuneError("the method trains no parameter; nothing to estimate")
         if plan.quantization != "none" and tuned.method.saves_whole_model:
