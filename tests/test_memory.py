@@ -330,7 +330,7 @@ def test_summary_keeps_predicted_and_measured_peaks(model_dir, tmp_path):
     run(cfg)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     predicted, measured = summary["predicted_peak_bytes"], summary["measured_peak_bytes"]
-    assert predicted == estimate(report.plan_from_config(cfg)).per_device
+    assert summary["predicted_worst_case_bytes"] == estimate(report.plan_from_config(cfg)).per_device >= predicted
     # In a test process that already freed memory the run may reuse it and grow by nothing: measured >= 0.
     assert measured >= 0 and summary["measured_peak_of"] == "process resident set above the run's start"
     if measured > 0:
