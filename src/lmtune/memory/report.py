@@ -88,6 +88,8 @@ def suggestions(plan: MemoryPlan, cfg) -> list[str]:
     if plan.batch_size > 1:
         out.append(f"train.batch_size={max(1, plan.batch_size // 2)} with "
                    f"train.grad_accum={2 * cfg.train.grad_accum}")
+    if plan.task == "grpo" and plan.group_size > 2:  # rows = prompts x group size: the largest factor
+        out.append(f"grpo.group_size={max(2, plan.group_size // 2)}")
     out.append(f"data.max_length={max(2, plan.seq_len // 2)}")
     if hasattr(cfg.train, "gradient_checkpointing") and not plan.gradient_checkpointing:
         out.append("train.gradient_checkpointing=true")
@@ -124,6 +126,8 @@ class Preflight:
             return
         seq_len, labelled = longest_batch(items, self.plan.batch_size)
         seq_len = min(seq_len, self.plan.seq_len)
+        learned_counts = self.plan.task not in ("grpo", "reward")  # their rows' labels are not what the head sees
+        labelled = labelled if learned_counts and labelled > 0 else self.plan.labelled_fraction
         if seq_len >= self.plan.seq_len and labelled >= self.plan.labelled_fraction:
             return  # the data fills data.max_length: the worst case is this data's case
         try:
@@ -131,8 +135,8 @@ class Preflight:
         except Exception:  # noqa: BLE001  (as in `preflight`: the estimator never stops a run)
             return
         self.predicted = _compared(est, self.plan.device)
-        self.predicted_for = (f"this data's longest batch, {self.plan.batch_size} x {seq_len} tokens, "
-                              f"{labelled:.0%} labelled")
+        self.predicted_for = (f"this data's longest batch, {self.plan.batch_size} x {seq_len} tokens"
+                              + (f", {labelled:.0%} labelled" if learned_counts else ""))
         self.extra.append(f"  for {self.predicted_for}: {_gib(est.per_device).strip()} per device "
                           f"(the worst case above pads every row to data.max_length={self.plan.seq_len})")
 
@@ -202,6 +206,21 @@ def _reset_peak() -> None:
         pass  # no reset: the peak may include an earlier run's in this process
 
 
+def _check_completions(plan: MemoryPlan) -> None:
+    """GRPO samples up to grpo.max_new_tokens after every prompt: refused before anything loads when that alone
+    passes the model's positions (`check_lengths` checks prompt + completion once the data is read)."""
+    from lmtune.memory.core import load_model_config
+    from lmtune.resume import position_limit
+
+    try:
+        limit = position_limit(load_model_config(plan.model, plan.trust_remote_code))
+    except LmtuneError:
+        return  # a model that cannot be read is reported by the loader
+    if limit is not None and plan.max_new_tokens >= limit:
+        raise LmtuneError(f"grpo.max_new_tokens={plan.max_new_tokens} leaves no room for a prompt in this model's "
+                          f"{limit} positions; set grpo.max_new_tokens<{limit} (prompt + completion must fit)")
+
+
 def preflight(cfg) -> Preflight:
     """Estimate `cfg`'s run and refuse it (LmtuneError) when it will not fit, unless `force`.
 
@@ -212,6 +231,8 @@ def preflight(cfg) -> Preflight:
     configure_allocator()
     _reset_peak()
     start, plan = resident_bytes("VmRSS"), plan_from_config(cfg)
+    if plan.task == "grpo":
+        _check_completions(plan)
     try:
         est = estimate(plan)
     except Exception as err:  # noqa: BLE001  (the estimator must never be the reason a run cannot start;
