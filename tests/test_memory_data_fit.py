@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+import torch
 
 from lmtune import train
 from lmtune.config import load_config
 from lmtune.data import Example, Pair
 from lmtune.data.format import IGNORE
 from lmtune.data.pack import Packed
-from lmtune.memory import estimate, report
+from lmtune.memory import MemoryPlan, estimate, report
 from lmtune.train import run
 
 
@@ -61,3 +62,36 @@ def test_run_compares_its_peak_with_the_batches_it_trained_on(model_dir, tmp_pat
     if summary["measured_peak_bytes"] > 0:
         md = (tmp_path / "run" / "summary.md").read_text()
         assert f"4 x {width} tokens" in md and "worst case at data.max_length" in md
+
+
+def _file_resident(path: str) -> int:
+    """Resident bytes of this process's mappings of `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        if "-" in line.split(" ", 1)[0]:  # a mapping's header line
+            inside = line.rstrip().endswith(path)
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1]) * 1024
+    return total
+
+
+def test_a_frozen_embedding_no_head_reads_is_resident_only_where_looked_up(tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from lmtune.models import load_weights
+
+    vocab, hidden = 65536, 128  # a 32 MiB table of 512-byte rows
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, tie_word_embeddings=False)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "m")
+    model = load_weights(str(tmp_path / "m"))  # lmtune's loader: the weights stay mapped from the file
+    weights = str(tmp_path / "m" / "model.safetensors")
+    ids = (5, 6, 7, 30000, 30001, 60000)  # three places in the table
+    before = _file_resident(weights)
+    with torch.no_grad():
+        model.get_input_embeddings()(torch.tensor(ids))
+    grown = _file_resident(weights) - before  # the oracle: what the kernel made resident
+    whole = vocab * hidden * 4
+    plan = MemoryPlan(model=str(tmp_path / "m"), batch_size=1, seq_len=16)
+    kept = whole - (estimate(plan).per_device - estimate(replace(plan, token_ids=ids)).per_device)
+    assert 0 < grown <= kept < whole / 2

@@ -192,7 +192,7 @@ def _run(cfg: RunConfig, lock: RunLock) -> dict:
         prepare(out, source)
     accelerator.wait_for_everyone()
     log.info(tuned.describe_parameters())
-    memory_report.fit_to_data(train_set)  # the end-of-run check compares with this data's lengths
+    memory_report.fit_to_data(train_set, eval_set)  # the end-of-run check compares with this data's lengths
     log.info("%s", memory_report)
     log.info("data: %d train / %d eval %s, %d truncated (%d tokens cut), %d dropped with no labels%s",
              len(train_set), len(eval_set), "packed rows" if cfg.data.packing else "examples", stats.truncated,

@@ -119,24 +119,31 @@ class Preflight:
     def __str__(self) -> str:
         return "\n".join([self.text, *self.extra])
 
-    def fit_to_data(self, items: list) -> None:
-        """Estimate again for the longest micro-batch `items` (the training set) can make, so that the end of
-        the run compares its peak with the lengths it had, not with padding to data.max_length."""
+    def fit_to_data(self, items: list, eval_items: list = ()) -> None:
+        """Estimate again for the longest micro-batch `items` (the training set) can make and the token ids the
+        data holds, so that the end of the run compares its peak with the run it was, not with every row padded
+        to data.max_length and every embedding row read."""
         if self.plan is None or self.predicted is None or not items:
             return
         seq_len, labelled = longest_batch(items, self.plan.batch_size)
         seq_len = min(seq_len, self.plan.seq_len)
         learned_counts = self.plan.task not in ("grpo", "reward")  # their rows' labels are not what the head sees
         labelled = labelled if learned_counts and labelled > 0 else self.plan.labelled_fraction
-        if seq_len >= self.plan.seq_len and labelled >= self.plan.labelled_fraction:
+        # GRPO also looks up the tokens it samples, which no one knows before the run.
+        ids = None if self.plan.task == "grpo" else tuple(sorted(token_ids([*items, *eval_items])))
+        fitted = replace(self.plan, seq_len=max(seq_len, 2), labelled_fraction=min(labelled, 1.0), token_ids=ids)
+        if fitted == self.plan:
             return  # the data fills data.max_length: the worst case is this data's case
         try:
-            est = estimate(replace(self.plan, seq_len=max(seq_len, 2), labelled_fraction=labelled))
+            est = estimate(fitted)
         except Exception:  # noqa: BLE001  (as in `preflight`: the estimator never stops a run)
+            return
+        if _compared(est, self.plan.device) == self.predicted:
             return
         self.predicted = _compared(est, self.plan.device)
         self.predicted_for = (f"this data's longest batch, {self.plan.batch_size} x {seq_len} tokens"
-                              + (f", {labelled:.0%} labelled" if learned_counts else ""))
+                              + (f", {labelled:.0%} labelled" if learned_counts else "")
+                              + (f", {len(ids):,} distinct tokens" if ids is not None else ""))
         self.extra.append(f"  for {self.predicted_for}: {_gib(est.per_device).strip()} per device "
                           f"(the worst case above pads every row to data.max_length={self.plan.seq_len})")
 
@@ -167,6 +174,21 @@ def longest_batch(items: list, batch_size: int) -> tuple[int, float]:
     per_batch = batch_size * max(len(_rows(items[0])), 1)
     most = sorted((labelled for _, labelled in rows), reverse=True)[:per_batch]
     return longest, min(1.0, sum(most) / (per_batch * max(longest - 1, 1)))
+
+
+def token_ids(items: list) -> set[int]:
+    """The distinct token ids of `items` (examples, pairs, packed rows, prompts)."""
+    out: set[int] = set()
+    for item in items:
+        for seq in _sequences(item):
+            out.update(seq.input_ids)
+    return out
+
+
+def _sequences(item) -> list:
+    if hasattr(item, "chosen"):
+        return [item.chosen, item.rejected]
+    return list(getattr(item, "examples", [item]))
 
 
 def _rows(item) -> list[tuple[int, int]]:
