@@ -21,8 +21,8 @@ tensor memory avoids: a larger mmap threshold trades peak for time (4 MiB: no lo
 after loading and evaluation (no lower peak) did better. The pad's limit: glibc carves blocks of any size from the
 heap's top while it has room, so a program taking a small block between every two large ones re-pads the heap each
 time and keeps its large blocks resident, as glibc's defaults do (tests/test_memory.py); the benchmark's training
-runs did not. `mallopt` works at any time for the allocations that follow, so `lmtune` sets it first thing (`cli.main`, and the pre-flight
-check that `lmtune.train.run` starts with).
+runs did not. `mallopt` works at any time for the allocations that follow, so `lmtune` sets it first thing
+(`cli.main`, and the pre-flight check that `lmtune.train.run` starts with).
 
 Opt out with `LMTUNE_ALLOCATOR=system`; a user's own `MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_` /
 `MALLOC_TOP_PAD_` are left in force. Other C libraries (musl, macOS, Windows) are left alone.
