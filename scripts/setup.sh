@@ -23,8 +23,10 @@ fi
 if ! python -c "import llama_cpp" 2>/dev/null && [ ! -f "$venv/.llama-cpp-tried" ]; then
   touch "$venv/.llama-cpp-tried"
   echo "setup: building llama-cpp-python for the GGUF export tests (once; minutes on a small machine)" >&2
-  CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF \
--DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" \
+  # Not GGML_NATIVE: on a CPU with AMX, -march=native compiles ggml's AMX matmul backend, which crashes
+  # (segfault in ggml_backend_amx_mul_mat) on the tests' small q8_0 models; AVX2 runs on any recent x86-64.
+  CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON \
+-DGGML_F16C=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" \
     timeout 2400 python -m pip install -q -r requirements/llama-cpp.txt -c requirements/lock.txt >/dev/null 2>&1 \
     || echo "setup: could not build llama-cpp-python; the GGUF export tests will be skipped" >&2
 fi

@@ -9,6 +9,7 @@ import json
 import math
 import textwrap
 from collections import defaultdict
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -268,3 +269,35 @@ def test_a_trained_reward_model_scores_the_completions(tmp_path, model_dir):
     expected = [a + b for a, b in zip(rewards.length(completions), score_texts(rm, tokenizer, prompts, completions),
                                       strict=True)]
     assert total.tolist() == pytest.approx(expected, abs=1e-5)
+
+
+def _positions(model_dir) -> int:
+    return json.loads((Path(model_dir) / "config.json").read_text())["max_position_embeddings"]
+
+
+def test_completions_past_the_models_positions_are_refused_before_loading(tmp_path, model_dir, capsys):
+    limit = _positions(model_dir)  # the oracle: the model's own config
+    code = main(["train", *_grpo(tmp_path, model_dir, "long", f"grpo.max_new_tokens={limit}",
+                                 "grpo.reward=lmtune.rewards:answer_format")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert f"grpo.max_new_tokens={limit} leaves no room" in err and f"{limit} positions" in err
+    assert not (tmp_path / "long").exists()
+
+
+def test_prompt_plus_completion_past_the_models_positions_is_refused(tmp_path, model_dir, capsys):
+    limit = _positions(model_dir)
+    tokens = max(len(r["prompt"].split()) for r in PROMPTS)  # every prompt has at least one token a word
+    code = main(["train", *_grpo(tmp_path, model_dir, "long", f"grpo.max_new_tokens={limit - tokens + 1}",
+                                 "grpo.reward=lmtune.rewards:answer_format", "force=true")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "grpo.max_new_tokens<=" in err
+    assert not (tmp_path / "long").exists()
+
+
+def test_a_huge_group_is_refused_by_the_preflight_with_the_group_size_to_lower(tmp_path, model_dir, capsys):
+    code = main(["train", *_grpo(tmp_path, model_dir, "huge", "grpo.group_size=100000000",
+                                 "grpo.reward=lmtune.rewards:answer_format")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "grpo.group_size=50000000" in err and "GiB" in err
+    assert not (tmp_path / "huge").exists()

@@ -295,14 +295,15 @@ def test_cli_estimate_covers_every_task(model_dir, capsys):
 
 
 def test_allocator_gives_freed_memory_back():
-    """A fresh process frees 200 MiB of 1 MiB blocks, each followed by a 32 KiB block it keeps: glibc's defaults
-    keep the freed memory resident (heap holes, after the dynamic mmap threshold rose), lmtune's setting
-    returns it (each block had its own mapping)."""
+    """A fresh process frees 200 MiB of 1 MiB blocks, taken one after another and then pinned by a 32 KiB block it
+    keeps: glibc's defaults keep the freed memory resident (heap holes, after the dynamic mmap threshold rose),
+    lmtune's setting returns all but what it carved from the heap's 64 MiB top pad (the rest had its own mappings).
+    (A small block taken between every two large ones would re-pad the heap each time: see allocator.py.)"""
     code = ("import ctypes, sys\nfrom lmtune.memory.allocator import configure_allocator\n"
             "print(configure_allocator())\nlibc = ctypes.CDLL(None); libc.malloc.restype = ctypes.c_void_p\n"
-            "libc.free.argtypes = [ctypes.c_void_p]\nlibc.free(libc.malloc(1 << 20))\nblocks, pins = [], []\n"
+            "libc.free.argtypes = [ctypes.c_void_p]\nlibc.free(libc.malloc(1 << 20))\nblocks = []\n"
             "for _ in range(200):\n    blocks.append(libc.malloc(1 << 20)); ctypes.memset(blocks[-1], 1, 1 << 20)\n"
-            "    pins.append(libc.malloc(32 << 10))\nfor b in blocks: libc.free(b)\n"
+            "pin = libc.malloc(32 << 10)\nfor b in blocks: libc.free(b)\n"
             "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmRSS')) // 1024)\n")
     resident = {}
     for setting in ("lmtune", "system"):
@@ -311,7 +312,29 @@ def test_allocator_gives_freed_memory_back():
         active, mib = out.stdout.split()
         resident[setting] = int(mib)
         assert active == str(setting == "lmtune")
-    assert resident["system"] - resident["lmtune"] > 150  # MiB
+    assert resident["system"] - resident["lmtune"] > 120  # MiB: 200 freed, at most the 64 MiB pad kept
+
+
+def test_allocator_keeps_the_top_of_the_heap_for_the_next_step():
+    """40 MiB of 32 KiB blocks (below the mmap threshold: heap), freed and taken again, as one training step's small
+    tensors and the next one's: with lmtune's top pad the second round faults in no new pages; the same thresholds
+    without the pad (set through glibc's own environment, which lmtune leaves alone) give the heap back and fault
+    every page in again. The kernel's minor-fault count is the oracle."""
+    code = ("import ctypes, resource\nfrom lmtune.memory.allocator import configure_allocator\nconfigure_allocator()\n"
+            "libc = ctypes.CDLL(None); libc.malloc.restype = ctypes.c_void_p; libc.free.argtypes = [ctypes.c_void_p]\n"
+            "def step():\n    blocks = [libc.malloc(32 << 10) for _ in range(1280)]\n"
+            "    for b in blocks: ctypes.memset(b, 1, 32 << 10)\n    for b in reversed(blocks): libc.free(b)\n"
+            "step()\nbefore = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\nstep()\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n")
+    faults = {}
+    for name, extra in (("lmtune", {}), ("no pad", {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0",
+                                                     "MALLOC_TOP_PAD_": "0"})):
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "LMTUNE_ALLOCATOR"))}
+        out = subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True,
+                             check=True)
+        faults[name] = int(out.stdout)
+    assert faults["no pad"] > 8000  # 40 MiB / 4 KiB pages = 10,240, faulted in again
+    assert faults["lmtune"] < 500
 
 
 def test_quantized_load_releases_the_weights_file(model_dir, tmp_path):
@@ -330,7 +353,7 @@ def test_summary_keeps_predicted_and_measured_peaks(model_dir, tmp_path):
     run(cfg)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     predicted, measured = summary["predicted_peak_bytes"], summary["measured_peak_bytes"]
-    assert predicted == estimate(report.plan_from_config(cfg)).per_device
+    assert summary["predicted_worst_case_bytes"] == estimate(report.plan_from_config(cfg)).per_device >= predicted
     # In a test process that already freed memory the run may reuse it and grow by nothing: measured >= 0.
     assert measured >= 0 and summary["measured_peak_of"] == "process resident set above the run's start"
     if measured > 0:

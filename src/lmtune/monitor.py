@@ -16,6 +16,11 @@ from lmtune.plots import plot_eval, plot_loss, plot_lr
 TENSORBOARD_DIR = "tensorboard"
 
 
+def _worst_case(summary: dict) -> str:
+    worst = summary.get("predicted_worst_case_bytes")
+    return "" if worst in (None, summary["predicted_peak_bytes"]) else f"; worst case at data.max_length {_gib(worst)}"
+
+
 def check_tensorboard(cfg: RunConfig) -> None:
     """Before any work: `train.tensorboard` needs the optional package."""
     if not cfg.train.tensorboard:
@@ -108,8 +113,9 @@ def summary_markdown(cfg: RunConfig, summary: dict[str, Any], rows: list[dict], 
         lines.append(f"| peak memory | {_gib(summary['peak_memory_bytes'])} ({summary['peak_memory_of']}) |")
     if "peak_error_pct" in summary:
         lines.append(f"| peak vs estimate | {_gib(summary['measured_peak_bytes'])} measured "
-                     f"({summary['measured_peak_of']}), {_gib(summary['predicted_peak_bytes'])} predicted "
-                     f"({summary['peak_error_pct']:+.1f}%) |")
+                     f"({summary['measured_peak_of']}), {_gib(summary['predicted_peak_bytes'])} predicted for "
+                     f"{summary.get('predicted_peak_for', 'worst case at data.max_length')} "
+                     f"({summary['peak_error_pct']:+.1f}%){_worst_case(summary)} |")
     if losses:
         lines.append(f"| train loss | {losses[0]:.4f} (first step) -> {losses[-1]:.4f} (last step) |")
     if evals:

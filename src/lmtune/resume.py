@@ -331,11 +331,16 @@ def _sequences(item) -> tuple:
     return tuple(getattr(item, "examples", (item,)))
 
 
-def check_lengths(examples: list, model: torch.nn.Module) -> None:
-    """Refuse examples longer than the model can take, rather than fail deep in its forward."""
+def check_lengths(examples: list, model: torch.nn.Module, generated: int = 0) -> None:
+    """Refuse examples longer than the model can take, rather than fail deep in its forward; `generated`:
+    tokens sampled after each one (grpo.max_new_tokens), which must fit too."""
     limit = position_limit(model)
     sequences = [seq for e in examples for seq in _sequences(e)]
     longest = max((len(e.input_ids) for e in sequences), default=0)
     if limit is not None and longest > limit:
         raise LmtuneError(f"an example has {longest} tokens, more than this model's limit of {limit} positions; "
                           f"set data.max_length={limit} (longer examples are then cut)")
+    if limit is not None and generated and longest + generated > limit:
+        raise LmtuneError(f"a prompt of {longest} tokens plus grpo.max_new_tokens={generated} passes this model's "
+                          f"limit of {limit} positions; set grpo.max_new_tokens<={max(limit - longest, 1)} or "
+                          f"data.max_length<={max(limit - generated, 1)}")

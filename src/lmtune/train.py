@@ -179,7 +179,7 @@ def _run(cfg: RunConfig, lock: RunLock) -> dict:
     # Data before anything is logged or written: a bad record fails as one line and leaves no directory.
     train_set, eval_set, stats = _load_data(cfg, task, tokenizer)
     train_set, guard = preserve.mix(cfg, model, tokenizer, train_set)  # data.preserve: the base model's answers
-    check_lengths(train_set + eval_set, model)
+    check_lengths(train_set + eval_set, model, cfg.grpo.max_new_tokens if task.memory_shape == "grpo" else 0)
     batch_note = check_batches(t.batch_size, t.grad_accum, len(train_set), math.ceil(len(train_set) / t.batch_size))
     # Seeded after loading: a first-use conversion of the default model draws random numbers.
     set_seed(cfg.train.seed)
@@ -195,6 +195,7 @@ def _run(cfg: RunConfig, lock: RunLock) -> dict:
     accelerator.wait_for_everyone()
     log.info(tuned.describe_parameters())
     log.info("precision: %s (%s%s)", precision, "auto: " if t.precision == "auto" else "", why)
+    memory_report.fit_to_data(train_set, eval_set)  # the end-of-run check compares with this data's lengths
     log.info("%s", memory_report)
     log.info("data: %d train / %d eval %s, %d truncated (%d tokens cut), %d dropped with no labels%s",
              len(train_set), len(eval_set), "packed rows" if cfg.data.packing else "examples", stats.truncated,

@@ -74,6 +74,10 @@ class MemoryPlan:
     device: Literal["cpu", "cuda"] = "cpu"
     clip_grad: bool = True
     trust_remote_code: bool = False
+    token_ids: tuple[int, ...] | None = None
+    """The distinct token ids the run's data holds; None: unknown (every row of the input embedding is read).
+    A frozen input embedding that no LM head reads is paged in from the weights file where looked up
+    (formulas.unread_embedding)."""
 
 
 @dataclass
@@ -158,6 +162,7 @@ def estimate(plan: MemoryPlan) -> Estimate:
                           packed=plan.packing)
         trainable, total = tuned.trainable_parameters()
         swaps = formulas.swaps(tuned, plan)
+        formulas.unread_embedding(swaps, model, plan, config, reads_head=not shape.score_head)
         if plan.sharding == "fsdp" and plan.devices > 1:
             from lmtune.memory.sharding import shard
 
@@ -213,6 +218,7 @@ def _breakdown(step: StepTrace, swaps: formulas.Swaps, phases: dict[str, int], p
 
 def _plan_dict(plan: MemoryPlan) -> dict:
     out = asdict(plan)
+    out["token_ids"] = None if plan.token_ids is None else len(plan.token_ids)  # a count, for the report
     method = plan.method
     out["method"] = method.model_dump(mode="json") if hasattr(method, "model_dump") else method
     return out

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
+from lmtune.data.format import IGNORE
 from lmtune.errors import LmtuneError
 from lmtune.memory.allocator import configure_allocator
 from lmtune.memory.core import _MODEL_DTYPE_PRECISION, Estimate, MemoryPlan, estimate
@@ -88,6 +89,8 @@ def suggestions(plan: MemoryPlan, cfg) -> list[str]:
     if plan.batch_size > 1:
         out.append(f"train.batch_size={max(1, plan.batch_size // 2)} with "
                    f"train.grad_accum={2 * cfg.train.grad_accum}")
+    if plan.task == "grpo" and plan.group_size > 2:  # rows = prompts x group size: the largest factor
+        out.append(f"grpo.group_size={max(2, plan.group_size // 2)}")
     out.append(f"data.max_length={max(2, plan.seq_len // 2)}")
     if hasattr(cfg.train, "gradient_checkpointing") and not plan.gradient_checkpointing:
         out.append("train.gradient_checkpointing=true")
@@ -104,12 +107,46 @@ class Preflight:
     """The report to log."""
     predicted: int | None = None
     """The peak the measurement is compared with: the whole estimate on CPU (resident set above the start),
-    the tensor part on CUDA (what `torch.cuda.max_memory_allocated` counts)."""
+    the tensor part on CUDA (what `torch.cuda.max_memory_allocated` counts). The worst case at
+    data.max_length until `fit_to_data` narrows it to the longest batch the data can make."""
     start: int = 0
     """Resident bytes of this process when the run started (CPU)."""
+    plan: MemoryPlan | None = None
+    worst_case: int | None = None
+    """`predicted` at data.max_length, every position labelled (what the refusal is decided on)."""
+    predicted_for: str = "worst case at data.max_length"
+    extra: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
-        return self.text
+        return "\n".join([self.text, *self.extra])
+
+    def fit_to_data(self, items: list, eval_items: list = ()) -> None:
+        """Estimate again for the longest micro-batch `items` (the training set) can make and the token ids the
+        data holds, so that the end of the run compares its peak with the run it was, not with every row padded
+        to data.max_length and every embedding row read."""
+        if self.plan is None or self.predicted is None or not items:
+            return
+        seq_len, labelled = longest_batch(items, self.plan.batch_size)
+        seq_len = min(seq_len, self.plan.seq_len)
+        learned_counts = self.plan.task not in ("grpo", "reward")  # their rows' labels are not what the head sees
+        labelled = labelled if learned_counts and labelled > 0 else self.plan.labelled_fraction
+        # GRPO also looks up the tokens it samples, which no one knows before the run.
+        ids = None if self.plan.task == "grpo" else tuple(sorted(token_ids([*items, *eval_items])))
+        fitted = replace(self.plan, seq_len=max(seq_len, 2), labelled_fraction=min(labelled, 1.0), token_ids=ids)
+        if fitted == self.plan:
+            return  # the data fills data.max_length: the worst case is this data's case
+        try:
+            est = estimate(fitted)
+        except Exception:  # noqa: BLE001  (as in `preflight`: the estimator never stops a run)
+            return
+        if _compared(est, self.plan.device) == self.predicted:
+            return
+        self.predicted = _compared(est, self.plan.device)
+        self.predicted_for = (f"this data's longest batch, {self.plan.batch_size} x {seq_len} tokens"
+                              + (f", {labelled:.0%} labelled" if learned_counts else "")
+                              + (f", {len(ids):,} distinct tokens" if ids is not None else ""))
+        self.extra.append(f"  for {self.predicted_for}: {_gib(est.per_device).strip()} per device "
+                          f"(the worst case above pads every row to data.max_length={self.plan.seq_len})")
 
     def check(self, device: torch.device) -> dict:
         """The measured peak next to the prediction: logged, and returned for summary.json."""
@@ -117,12 +154,57 @@ class Preflight:
             measured, of = torch.cuda.max_memory_allocated(device), "cuda allocated"
         else:
             measured, of = resident_bytes("VmHWM") - self.start, "process resident set above the run's start"
-        out = {"measured_peak_bytes": measured, "measured_peak_of": of, "predicted_peak_bytes": self.predicted}
+        out = {"measured_peak_bytes": measured, "measured_peak_of": of, "predicted_peak_bytes": self.predicted,
+               "predicted_peak_for": self.predicted_for, "predicted_worst_case_bytes": self.worst_case}
         if self.predicted and measured > 0:
             out["peak_error_pct"] = round(100 * (self.predicted - measured) / measured, 1)
-            logging.getLogger("lmtune").info("peak memory: %.2f GiB measured (%s), %.2f GiB predicted (%+.1f%%)",
-                                             measured / GIB, of, self.predicted / GIB, out["peak_error_pct"])
+            logging.getLogger("lmtune").info(
+                "peak memory: %.2f GiB measured (%s), %.2f GiB predicted for %s (%+.1f%%)%s", measured / GIB, of,
+                self.predicted / GIB, self.predicted_for, out["peak_error_pct"],
+                "" if self.worst_case == self.predicted else
+                f"; worst case at data.max_length {self.worst_case / GIB:.2f} GiB")
         return out
+
+
+def longest_batch(items: list, batch_size: int) -> tuple[int, float]:
+    """(padded length, labelled fraction) that bound every micro-batch of `items`: batches pad to their
+    longest row, so no batch is longer than the longest row, and none has more labelled positions than the
+    rows with the most (pairs put chosen and rejected in one batch: 2 rows an item)."""
+    rows = [row for item in items for row in _rows(item)]
+    longest = max(length for length, _ in rows)
+    per_batch = batch_size * max(len(_rows(items[0])), 1)
+    most = sorted((labelled for _, labelled in rows), reverse=True)[:per_batch]
+    return longest, min(1.0, sum(most) / (per_batch * max(longest - 1, 1)))
+
+
+def token_ids(items: list) -> set[int]:
+    """The distinct token ids of `items` (examples, pairs, packed rows, prompts)."""
+    out: set[int] = set()
+    for item in items:
+        for seq in _sequences(item):
+            out.update(seq.input_ids)
+    return out
+
+
+def _sequences(item) -> list:
+    if hasattr(item, "chosen"):
+        return [item.chosen, item.rejected]
+    return list(getattr(item, "examples", [item]))
+
+
+def _rows(item) -> list[tuple[int, int]]:
+    """(tokens, learned positions) of each row an item puts in a batch."""
+    if hasattr(item, "chosen"):  # a preference pair
+        return _rows(item.chosen) + _rows(item.rejected)
+    if hasattr(item, "examples"):  # a packed row: its examples end to end
+        parts = [r for e in item.examples for r in _rows(e)]
+        return [(sum(n for n, _ in parts), sum(k for _, k in parts))]
+    labels = getattr(item, "labels", None) or []  # a GRPO prompt has none: its completions are sampled
+    return [(len(item.input_ids), sum(label != IGNORE for label in labels[1:]))]
+
+
+def _compared(est: Estimate, device: str) -> int:
+    return est.per_device - est.overhead if device == "cuda" else est.per_device
 
 
 def resident_bytes(key: str) -> int:
@@ -147,6 +229,21 @@ def _reset_peak() -> None:
         pass  # no reset: the peak may include an earlier run's in this process
 
 
+def _check_completions(plan: MemoryPlan) -> None:
+    """GRPO samples up to grpo.max_new_tokens after every prompt: refused before anything loads when that alone
+    passes the model's positions (`check_lengths` checks prompt + completion once the data is read)."""
+    from lmtune.memory.core import load_model_config
+    from lmtune.resume import position_limit
+
+    try:
+        limit = position_limit(load_model_config(plan.model, plan.trust_remote_code))
+    except LmtuneError:
+        return  # a model that cannot be read is reported by the loader
+    if limit is not None and plan.max_new_tokens >= limit:
+        raise LmtuneError(f"grpo.max_new_tokens={plan.max_new_tokens} leaves no room for a prompt in this model's "
+                          f"{limit} positions; set grpo.max_new_tokens<{limit} (prompt + completion must fit)")
+
+
 def preflight(cfg) -> Preflight:
     """Estimate `cfg`'s run and refuse it (LmtuneError) when it will not fit, unless `force`.
 
@@ -157,6 +254,8 @@ def preflight(cfg) -> Preflight:
     configure_allocator()
     _reset_peak()
     start, plan = resident_bytes("VmRSS"), plan_from_config(cfg)
+    if plan.task == "grpo":
+        _check_completions(plan)
     try:
         est = estimate(plan)
     except Exception as err:  # noqa: BLE001  (the estimator must never be the reason a run cannot start;
@@ -173,4 +272,5 @@ def preflight(cfg) -> Preflight:
         if not getattr(cfg, "force", False):
             raise LmtuneError(message)
         text += "\n" + message.replace(", or set force=true to train anyway", "; training anyway (force=true)")
-    return Preflight(text, est.per_device - est.overhead if plan.device == "cuda" else est.per_device, start)
+    predicted = _compared(est, plan.device)
+    return Preflight(text, predicted, start, plan, predicted)
