@@ -350,6 +350,10 @@ def child(spec: dict) -> None:
     quantized = {"quantization": "4bit", "double_quant": True} if spec["method"] == "qlora" else {}
     model, tokenizer = load_model(spec["model"], "bfloat16" if spec["precision"] == "bf16" else "float32",
                                   **quantized)
+    if spec["side"] != "lmtune":  # the peer runs transformers' own attention, not lmtune's (lmtune.attention)
+        for m in model.modules():
+            if getattr(getattr(m, "config", None), "_attn_implementation", None) == "lmtune_sdpa":
+                m.config._attn_implementation = "sdpa"
     result = SIDES[spec["side"]](spec, model, tokenizer)
     if spec["device"] == "cuda":
         result["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
