@@ -13,9 +13,8 @@ import yaml
 from pydantic import BaseModel, Field, field_validator
 from pydantic.fields import FieldInfo
 
-from lmtune import tasks
+from lmtune import methods, tasks
 from lmtune.errors import LmtuneError
-from lmtune import methods
 from lmtune.methods import DEFAULT, get_method, method_config_type, method_names
 from lmtune.schema import Strict, validate_as
 
