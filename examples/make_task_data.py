@@ -2,10 +2,12 @@
 """Write the small example data sets of the task YAMLs (fixed seeds: the same files every run).
 
 ``examples/data/``
-    ``parity_prefs.jsonl`` / ``parity_prefs_eval.jsonl``  (dpo.yaml, simpo.yaml)
-        Preferences: "Is N even?" with the right answer chosen and the wrong one rejected. Half the
-        right answers are "Yes", half "No", so a model with no sense of parity is right about half
-        the time; the eval numbers appear nowhere in training.
+    ``parity_prefs.jsonl`` / ``parity_prefs_eval.jsonl``  (dpo.yaml, simpo.yaml, orpo.yaml, kto.yaml, reward.yaml)
+        Preferences: "Is N even?" with the right answer chosen and the wrong one rejected. The numbers are
+        drawn at random, so about half the right answers are "Yes": 153 of the 320 training pairs, 48 of
+        the 80 held-out ones. A model with no sense of parity that always prefers "Yes" scores 0.60 on the
+        held-out pairs, one that always prefers "No" 0.40 (benchmarks/orpo_kto_figures.py splits the
+        accuracy by the right answer); the eval numbers appear nowhere in training.
     ``chronicle.txt`` / ``chronicle_eval.txt``  (pretrain.yaml)
         Plain text in one invented style (a chronicle of made-up towns), paragraphs separated by a
         blank line; the eval text is new paragraphs in the same style.

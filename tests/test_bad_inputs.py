@@ -31,7 +31,7 @@ import lmtune
 import lmtune.resume
 from lmtune.checkpoint import save
 from lmtune.cli import main
-from lmtune.methods import _REGISTRY, Method, register
+from lmtune.methods import Method, register, unregister
 from lmtune.methods.lora import LoraConfig
 from lmtune.methods.lora import apply as lora_apply
 
@@ -205,7 +205,7 @@ def no_merge_method():
     register(Method(name="nomerge", config=NoMergeConfig, apply=lora_apply,
                     merge_refusal="it adds inputs, not weights"))
     yield
-    _REGISTRY.pop("nomerge")
+    unregister("nomerge")
 
 
 def write_jsonl(path: Path, records: list) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -177,3 +179,67 @@ def test_a_data_source_weight_is_bounded():
     for weight in ("0", "-1", "1001", "NaN"):
         with pytest.raises(LmtuneError, match=r"^config: 'data.train.0.weight': must be"):
             load_config(None, [f'data.train=[{{"path": "x.jsonl", "weight": {weight}}}]'])
+
+
+def test_the_method_section_is_a_union_of_the_method_configs():
+    from lmtune.methods import method_names
+    from lmtune.methods.lora import LoraConfig
+
+    schema = RunConfig.model_json_schema()
+    refs = [r["$ref"].split("/")[-1] for r in schema["properties"]["method"]["oneOf"]]
+    assert sorted(schema["$defs"][ref]["properties"]["name"]["const"] for ref in refs) == method_names()
+    own = LoraConfig(r=3)
+    cfg = RunConfig(data={"train": "d.jsonl"}, method=own)
+    assert cfg.method is own
+    cfg.method = "ia3"  # assignment goes through the union too
+    assert type(cfg.method).__name__ == "IA3Config"
+    with pytest.raises(ValueError):
+        cfg.method = {"name": "ia3", "r": 4}
+    # A dump without defaults still names its method, so it parses back to the same config.
+    sparse = RunConfig(data={"train": "d.jsonl"}, method={"name": "prefix", "num_virtual_tokens": 4})
+    assert sparse.model_dump(exclude_defaults=True)["method"] == {"name": "prefix", "num_virtual_tokens": 4}
+    assert RunConfig.model_validate(sparse.model_dump(exclude_defaults=True)) == sparse
+    assert RunConfig.model_validate(cfg.model_dump()) == cfg
+
+
+@pytest.mark.parametrize("overrides, wanted", [
+    (["method=5"], "config: 'method': must be a method name or a mapping with a 'name' key (got 5)"),
+    (["method=[lora]"], "config: 'method': must be a method name or a mapping with a 'name' key (got ['lora'])"),
+    (["method.name="], "unknown method 'None'; choose one of: adapter, freeze, full, ia3, "),
+    (["method=prefix", "method.num_virtual_tokens=zero"],
+     "config: 'method.num_virtual_tokens': Input should be a valid integer"),
+    (["method=prefix", "method.num_virtual_token=4"],
+     "config: unknown key 'method.num_virtual_token'; did you mean 'num_virtual_tokens'?"),
+])
+def test_bad_method_sections_are_one_line_without_the_union_tag(tmp_path, overrides, wanted):
+    assert error(None, "data.train=d.jsonl", *overrides).startswith(wanted)
+
+
+def test_a_config_written_by_an_earlier_version_loads_and_dumps_the_same():
+    """config.yaml of a run from before the method section was a union: the same config, the same file again."""
+    path = Path(__file__).parent / "fixtures" / "config_written_before_the_method_union.yaml"
+    cfg = load_config(path)
+    assert (cfg.method.name, cfg.method.num_virtual_tokens, cfg.method.init, cfg.task) == ("prefix", 4, "vocab", "dpo")
+    assert dump_config(cfg) == "".join(line for line in path.read_text().splitlines(True) if not line.startswith("#"))
+
+
+def test_a_method_registered_later_joins_the_config():
+    from typing import Literal
+
+    from lmtune.methods import Method, MethodConfig, method_names, parse_method_config, register, unregister
+    from lmtune.methods.lora import apply
+
+    class LateConfig(MethodConfig):
+        name: Literal["late"] = "late"
+        k: int = 1
+
+    register(Method(name="late", config=LateConfig, apply=apply))
+    try:
+        assert load_config(None, ["data.train=d.jsonl", "method=late", "method.k=3"]).method == LateConfig(k=3)
+        assert parse_method_config({"name": "late"}) == LateConfig()
+        assert error(None, "data.train=d.jsonl", "method=late", "method.r=3") == \
+            "config: unknown key 'method.r'; known keys: name, k"
+    finally:
+        unregister("late")
+    assert "late" not in method_names()
+    assert error(None, "data.train=d.jsonl", "method=late").startswith("unknown method 'late'; choose one of: ")

@@ -11,13 +11,18 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, field_validator
+from pydantic.fields import FieldInfo
 
-from lmtune import tasks
+from lmtune import methods, tasks
 from lmtune.errors import LmtuneError
-from lmtune.methods import get_method, method_names, parse_method_config
+from lmtune.methods import DEFAULT, get_method, method_config_type, method_names
 from lmtune.schema import Strict, validate_as
 
 __all__ = ["RunConfig", "Strict", "dump_config", "load_config", "validate"]
+
+MethodSection = method_config_type()
+"""Every registered method's config class, told apart by `name`: YAML, overrides, the API, the studio form and
+checkpoints all read and write the method section as part of RunConfig."""
 
 
 class ModelConfig(Strict):
@@ -205,7 +210,7 @@ class RunConfig(Strict):
     """Where the examples come from and how they are tokenised."""
     model: ModelConfig = ModelConfig()
     """The base model."""
-    method: Any = Field("lora", validate_default=True)  # the default must become a config object too
+    method: MethodSection = Field(DEFAULT, validate_default=True)  # the default becomes a config object too
     """Fine-tuning method: its name, or a mapping with `name` and the method's options (listed below)."""
     task: str = Field("sft", json_schema_extra=lambda schema: schema.update(enum=tasks.task_names()))
     """Objective, one of the registered tasks: `sft` (loss on completions / assistant turns), `pretrain`,
@@ -239,12 +244,16 @@ class RunConfig(Strict):
             raise ValueError(f"Input should be {', '.join(names[:-1])} or {names[-1]}")  # as for any closed choice
         return v
 
-    @field_validator("method", mode="before")
-    @classmethod
-    def _method_config(cls, v: Any) -> Any:
-        if isinstance(v, dict) and "name" not in v:  # `method.r=16` alone: options of the default method
-            v = {"name": cls.model_fields["method"].default, **v}
-        return parse_method_config(v)
+
+def _follow_method_registry() -> None:
+    """A method registered after this module was loaded (a plugin's, a test's) joins RunConfig's method union."""
+    old = RunConfig.model_fields["method"]
+    RunConfig.__pydantic_fields__["method"] = FieldInfo.from_annotated_attribute(
+        method_config_type(), Field(old.default, validate_default=True, description=old.description))
+    RunConfig.model_rebuild(force=True)
+
+
+methods.on_register(_follow_method_registry)
 
 
 def validate(raw: dict[str, Any], prefix: str = "", cls: type[BaseModel] | None = None) -> Any:
@@ -339,9 +348,7 @@ def load_raw(path: str | Path | None, overrides: list[str] = ()) -> dict[str, An
 
 def dump_config(cfg: RunConfig) -> str:
     """The resolved config as YAML, saved next to every result."""
-    data = cfg.model_dump(mode="json")
-    data["method"] = cfg.method.model_dump(mode="json")
-    return yaml.safe_dump(data, sort_keys=False)
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
 def describe_keys() -> str:

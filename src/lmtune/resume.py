@@ -88,16 +88,10 @@ def _flat(data: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _resolved(cfg: RunConfig) -> dict[str, Any]:
-    data = cfg.model_dump(mode="json")
-    data["method"] = cfg.method.model_dump(mode="json")
-    return data
-
-
 def _check_same_run(cfg: RunConfig, source: Path) -> None:
     """A checkpoint continues only the run it came from: every key that shapes training must match."""
     saved = _flat(_read_state(source)["config"])
-    now = _flat(_resolved(cfg))
+    now = _flat(cfg.model_dump(mode="json"))
     for key in sorted(saved.keys() | now.keys()):
         if key not in _RESUMABLE_CHANGES and saved.get(key) != now.get(key):
             raise LmtuneError(f"resume: {source} was trained with {key}={saved.get(key)!r} but this config says "
@@ -214,7 +208,7 @@ def save_checkpoint(out: Path, step: int, cfg: RunConfig, model: torch.nn.Module
         _write(tmp / "optimizer.safetensors", save_bytes(optim_tensors))
         _write(tmp / "rng.safetensors", save_bytes(rng_tensors))
         shutil.copyfile(out / "metrics.jsonl", tmp / "metrics.jsonl")
-        state = {"step": step, "config": _resolved(cfg), "optimizer": optim_json, "rng": rng_json,
+        state = {"step": step, "config": cfg.model_dump(mode="json"), "optimizer": optim_json, "rng": rng_json,
                  "scheduler": scheduler.state_dict(),
                  "summary": summary}
         _write(tmp / STATE, json.dumps(state).encode())  # last: a directory without it is not a checkpoint

@@ -12,18 +12,30 @@ import importlib
 import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from functools import cache
+from typing import Annotated, Any, Union
 
+from pydantic import BeforeValidator, Discriminator, Tag, model_serializer
 from torch import nn
 
 from lmtune.errors import LmtuneError
 from lmtune.schema import Strict, validate_as
 
+DEFAULT = "lora"
+"""The method of a config that names none (`method.r=16` alone sets its options)."""
+
 
 class MethodConfig(Strict):
-    """Base of every method's options; `name` selects the method."""
+    """Base of every method's options; `name` selects the method. A subclass declares `name: Literal["its name"]
+    = "its name"`: the config's `method` section is the union of them, told apart by `name`."""
 
     name: str
+
+    @model_serializer(mode="wrap")
+    def _always_named(self, handler: Any) -> Any:
+        """Every dump says which method it is, `exclude_defaults` ones too, so that it parses back."""
+        data = handler(self)
+        return {"name": self.name, **data} if isinstance(data, dict) else data
 
 
 @dataclass(frozen=True)
@@ -63,9 +75,27 @@ class Method:
 _REGISTRY: dict[str, Method] = {}
 
 
+_ON_REGISTER: list[Callable[[], None]] = []
+
+
+def on_register(hook: Callable[[], None]) -> None:
+    """Call `hook` after every later `register` / `unregister` (a plugin's method, a test's): `config.py` rebuilds
+    RunConfig's method union."""
+    _ON_REGISTER.append(hook)
+
+
 def register(method: Method) -> Method:
     _REGISTRY[method.name] = method
+    for hook in _ON_REGISTER:
+        hook()
     return method
+
+
+def unregister(name: str) -> None:
+    """Remove a method registered for a while (a test's)."""
+    _REGISTRY.pop(name)
+    for hook in _ON_REGISTER:
+        hook()
 
 
 def _load_all() -> None:
@@ -112,12 +142,36 @@ def check_peft_options(peft: dict, understood: frozenset[str] | set[str]) -> Non
                               "implement (it would give different outputs); load it with PEFT, or retrain without it")
 
 
-def parse_method_config(value: Any) -> MethodConfig:
-    """`"lora"`, `{"name": "lora", "r": 16}` or a config object -> the method's validated config."""
+def _named(value: Any) -> Any:
+    """The shorthands of a method section: `"lora"` is `{"name": "lora"}`; options alone are the default method's."""
+    if isinstance(value, str):
+        return {"name": value}
+    if isinstance(value, dict):
+        return value if "name" in value else {"name": DEFAULT, **value}
     if isinstance(value, MethodConfig):
         return value
-    if isinstance(value, str):
-        value = {"name": value}
-    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
-        raise LmtuneError("config: 'method' must be a method name or a mapping with a 'name' key")
-    return validate_as(get_method(value["name"]).config, value, prefix="method")
+    raise ValueError("must be a method name or a mapping with a 'name' key")
+
+
+def _name_of(value: Any) -> str | None:
+    """The tag of a method section (`name: null` is an unknown name too, not a missing one)."""
+    return str(value.get("name")) if isinstance(value, dict) else getattr(value, "name", None)
+
+
+def method_config_type() -> Any:
+    """The type of a method section, in RunConfig and wherever a method config is read (checkpoints, the API):
+    every registered method's config class, told apart by `name`, with the shorthands of `_named`."""
+    _load_all()
+    return _union(tuple((name, _REGISTRY[name].config) for name in sorted(_REGISTRY)))
+
+
+@cache
+def _union(configs: tuple[tuple[str, type[MethodConfig]], ...]) -> Any:
+    # A function reads the tag: pydantic's `discriminator="name"` refuses the `Strict` before-validator on `name`.
+    tagged = tuple(Annotated[config, Tag(name)] for name, config in configs)
+    return Annotated[Union[tagged], Discriminator(_name_of), BeforeValidator(_named)]  # noqa: UP007
+
+
+def parse_method_config(value: Any) -> MethodConfig:
+    """`"lora"`, `{"name": "lora", "r": 16}` or a config object -> the method's validated config."""
+    return validate_as(method_config_type(), value, prefix="method")

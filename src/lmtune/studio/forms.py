@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from lmtune.config import RunConfig, apply_override, parse_yaml
 from lmtune.errors import LmtuneError
 from lmtune.methods import get_method, method_names
-from lmtune.schema import error_message
+from lmtune.schema import error_key, error_message
 
 GIB = 2**30
 NO_DATA = "(not read by the estimate)"
@@ -34,11 +34,11 @@ def schema() -> dict:
             "method_default": RunConfig.model_fields["method"].default}
 
 
-def _errors(err: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
+def _errors(err: ValidationError) -> list[tuple[str, str]]:
     out = []
     for e in err.errors():
-        key = ".".join(str(p) for p in (*([prefix] if prefix else []), *e["loc"]))
-        out.append((key, "unknown key" if e["type"] == "extra_forbidden" else error_message(e)))
+        key = error_key(RunConfig, e)
+        out.append((key, "unknown key" if e["type"] == "extra_forbidden" else error_message(e, key)))
     return out
 
 
@@ -62,24 +62,13 @@ def build(overrides: list[str]) -> RunConfig:
 
 
 def _validate(raw: dict[str, Any], problems: list[tuple[str, str]]) -> RunConfig:
-    """Validate the method section and the rest separately, so that every mistake is reported at once."""
-    default = RunConfig.model_fields["method"].default
-    method = raw.pop("method", None) or default
-    # `method.r=16` alone sets options of the default method, as in `lmtune train`
-    method = {"name": default, **method} if isinstance(method, dict) else {"name": str(method)}
+    """Validate the whole config at once (the method section with it), so that every mistake is reported."""
     try:
-        method = get_method(str(method.get("name"))).config.model_validate(method)
-    except LmtuneError as err:
-        problems.append(("method.name", str(err)))
-    except ValidationError as err:
-        problems += _errors(err, "method")
-    try:
-        cfg = RunConfig.model_validate({**raw, "method": "full"})  # the method was checked above
+        cfg = RunConfig.model_validate(raw)
     except ValidationError as err:
         problems += _errors(err)
     if problems:
         raise FieldErrors(problems)
-    cfg.method = method
     return cfg
 
 
@@ -96,7 +85,6 @@ def _flat(data: dict, prefix: str = "") -> dict[str, Any]:
 def values(cfg: RunConfig) -> dict[str, Any]:
     """The form's values of a config: dotted keys -> values (lists of data sources as written in YAML)."""
     data = cfg.model_dump(mode="json")
-    data["method"] = cfg.method.model_dump(mode="json")
     for section in ("train", "eval"):
         sources = data["data"][section]
         if sources is not None:  # a plain path when its weight is the default, as one would write it
@@ -111,8 +99,8 @@ def to_yaml(cfg: RunConfig) -> str:
         sources = getattr(cfg.data, section)
         if sources is not None:
             data["data"][section] = [s.path if s.weight == 1.0 else s.model_dump() for s in sources]
-    method = cfg.method.model_dump(mode="json", exclude_defaults=True)
-    data["method"] = {"name": cfg.method.name, **method} if method else cfg.method.name
+    if list(data.get("method", {})) == ["name"]:  # `method: lora` when it has no options of its own
+        data["method"] = cfg.method.name
     return yaml.safe_dump(data, sort_keys=False)
 
 
