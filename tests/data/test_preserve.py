@@ -196,3 +196,18 @@ def test_a_run_with_kl_logs_the_term_and_marks_only_the_preserved_rows(tmp_path,
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     kl = [r["preserve_kl"] for r in rows if "preserve_kl" in r]
     assert len(kl) == 3 and kl[0] == pytest.approx(0.0, abs=1e-6) and kl[-1] > 0  # LoRA starts as the base
+
+
+@pytest.mark.parametrize("extra, with_kl", [([], True), (["data.preserve.kl=0"], False)])
+def test_the_kl_term_is_on_by_default_with_the_guard_and_only_with_it(tmp_path, extra, with_kl):
+    from lmtune.objectives import sft_loss
+    from lmtune.tasks import get_task
+
+    train, prompts = _data(tmp_path)
+    guarded = get_task("sft").objective(_config(tmp_path, "m", train, prompts, *extra))
+    if with_kl:
+        assert guarded.keywords == {"weight": 1.0}
+    else:
+        assert guarded is sft_loss
+    unguarded = load_config(None, ["model.name=m", f"data.train={train}"])
+    assert get_task("sft").objective(unguarded) is sft_loss
