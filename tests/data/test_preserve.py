@@ -211,3 +211,24 @@ def test_the_kl_term_is_on_by_default_with_the_guard_and_only_with_it(tmp_path, 
         assert guarded is sft_loss
     unguarded = load_config(None, ["model.name=m", f"data.train={train}"])
     assert get_task("sft").objective(unguarded) is sft_loss
+
+
+def test_batches_mark_anchored_rows_padded_and_packed():
+    from lmtune.data import Example, collate
+    from lmtune.data.pack import Packed, collate_packed
+
+    kept, plain = Example([5, 6, 7], [-100, 6, 7], anchored=True), Example([8, 9], [-100, 9])
+    assert collate([plain, kept], 0)["anchored"].tolist() == [False, True]
+    assert "anchored" not in collate([plain, plain], 0)
+    packed = collate_packed([Packed([plain]), Packed([kept, kept])], 0)
+    assert packed["anchored"].tolist() == [False, True]
+
+
+def test_a_packed_run_with_kl_trains_and_logs_the_term(tmp_path, model_dir, monkeypatch):
+    monkeypatch.setenv("LMTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(preserve, "clean", lambda text, finished: text or None)
+    train, prompts = _data(tmp_path)
+    run(_config(tmp_path, model_dir, train, prompts, "data.packing=true", "train.lr=1e-2", "train.steps=3",
+                "data.max_length=64"))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("preserve_kl", 0) > 0 for r in rows)
