@@ -175,10 +175,6 @@ class GrpoConfig(Strict):
     """Sampling temperature of the completions (log-probabilities are taken at the same temperature)."""
     top_p: float = Field(1.0, gt=0, le=1)
     """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
-    kl: float = Field(1.0, ge=0)
-    """Weight of a KL(base || tuned) term on the mixed answers' tokens, per token like the loss: the whole base
-    distribution is kept there, not only its greedy token. The base is the model with the method switched off
-    (a frozen copy for full / freeze, not in the memory estimate). 0: the answers alone."""
     max_new_tokens: int = Field(64, ge=1)
     """Longest completion, in tokens."""
     beta: float = Field(0.04, ge=0)

@@ -223,4 +223,3 @@ def test_bad_targets_are_refused_and_leave_the_model_untouched(targets):
         lmtune.apply(model, {"name": "lora", "target_modules": targets})
     assert all(p.requires_grad for p in model.parameters())
     assert not any(isinstance(m, LoraLinear) for m in model.modules())
-
