@@ -58,6 +58,10 @@ class PreserveConfig(Strict):
     """Share of the mixed training set that is base-model answers."""
     held_out: int = Field(32, ge=0)
     """Prompts kept out of training that measure retention (agreement with the base answers, their loss)."""
+    kl: float = Field(1.0, ge=0)
+    """Weight of a KL(base || tuned) term on the mixed answers' tokens, per token like the loss: the whole base
+    distribution is kept there, not only its greedy token. The base is the model with the method switched off
+    (a frozen copy for full / freeze, not in the memory estimate). 0: the answers alone."""
     max_new_tokens: int = Field(64, ge=1)
     """Longest base answer generated; one cut by this limit is trimmed to its last full sentence."""
 

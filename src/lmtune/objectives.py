@@ -66,6 +66,44 @@ def sft_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     return -logps.sum(), torch.tensor(logps.numel()), {}
 
 
+def sft_kl_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                weight: float) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """SFT's loss plus `weight` x KL(reference || model) summed over the labelled tokens of the `anchored` rows
+    (data.preserve's base answers); the reference is the model with its method switched off (or a held copy).
+
+    One forward pass gives both terms: the KL needs every labelled position's whole distribution, so the
+    chunked head (which yields only the target's log-probability) is not used on these batches.
+    """
+    anchored = batch.get("anchored")
+    if anchored is None or not bool(anchored.any()):
+        return sft_loss(model, batch)
+    keep = _keep(batch["labels"])
+    logits = _kept_logits(model, batch, keep).float()
+    targets = batch["labels"][:, 1:][keep[:, :-1]].to(logits.device)
+    nll = F.cross_entropy(logits, targets, reduction="sum")
+    rows = anchored.to(keep.device)
+    sub = {k: v[rows] for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    with reference.reference_model(model) as ref:
+        ref_logps = F.log_softmax(_kept_logits(ref, sub, keep[rows]).float(), dim=-1)
+    kept_rows = keep.nonzero()[:, 0]  # the row of every kept position, in the order of `logits`
+    logps = F.log_softmax(logits[rows[kept_rows].to(logits.device)], dim=-1)
+    kl = F.kl_div(logps, ref_logps, log_target=True, reduction="sum")
+    return nll + weight * kl, targets.new_tensor(targets.numel()), {"preserve_kl": float(kl.detach())}
+
+
+def _keep(labels: torch.Tensor) -> torch.Tensor:
+    """Positions whose next token carries loss (position t predicts token t + 1)."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE
+    return keep
+
+
+def _kept_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
+    """Full-vocabulary logits at the `keep` positions, in row-major order."""
+    logits = model(**_model_inputs(batch), logits_to_keep=keep).logits
+    return logits[keep.to(logits.device)] if logits.dim() == 3 else logits
+
+
 def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: the summed log-probability of its labelled tokens, and how many there are."""
     logps, rows = _labelled_logprobs(model, batch)

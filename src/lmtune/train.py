@@ -186,6 +186,8 @@ def _run(cfg: RunConfig, lock: RunLock) -> dict:
     tuned = apply(model, cfg.method, base_name=cfg.model.name, tokenizer=tokenizer)
     if task.prepare_model is not None:
         task.prepare_model(tuned)  # e.g. the reward head: trains with whatever the method trains, saved beside it
+    if guard is not None and cfg.data.preserve.kl:
+        reference.hold_copy_if_needed(tuned)  # the KL's base: the method switched off, else a frozen copy
     _check_packing(cfg, tuned)
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(tuned)

@@ -17,6 +17,8 @@ from lmtune.errors import LmtuneError
 class Example:
     input_ids: list[int]
     labels: list[int]
+    anchored: bool = False
+    """A base-model answer of data.preserve: its rows carry `anchored` in the batch (the KL-to-base term)."""
 
 
 @dataclass
@@ -151,7 +153,10 @@ def _pad(rows: list[Example], pad_id: int, width: int | None = None) -> dict[str
         input_ids[row, :n] = torch.tensor(e.input_ids)
         labels[row, :n] = torch.tensor(e.labels)
         mask[row, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    if any(e.anchored for e in rows):
+        batch["anchored"] = torch.tensor([e.anchored for e in rows])
+    return batch
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:

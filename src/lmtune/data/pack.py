@@ -68,7 +68,10 @@ def collate_packed(rows: list[Packed], pad_id: int) -> dict[str, torch.Tensor]:
             at += n
         token_mask[row, :at] = 1
         positions[row, at:] = torch.arange(width - at)  # the padding is one more (unlearned) sequence
-    return {"input_ids": input_ids, "labels": labels, "position_ids": positions, "token_mask": token_mask}
+    batch = {"input_ids": input_ids, "labels": labels, "position_ids": positions, "token_mask": token_mask}
+    if any(e.anchored for r in rows for e in r.examples):  # data.preserve packs its answers apart from the task's
+        batch["anchored"] = torch.tensor([all(e.anchored for e in r.examples) for r in rows])
+    return batch
 
 
 @torch.no_grad()

@@ -182,6 +182,7 @@ def _examples(pairs: list[tuple[str, str]], tokenizer: PreTrainedTokenizerBase, 
     for i, (prompt, answer) in enumerate(pairs):
         e = tokenize_one({"prompt": prompt, "completion": answer}, tokenizer, opts, "sft", f"data.preserve[{i}]")
         if len(e.input_ids) <= max_length:  # an answer cut by truncation would teach a wrong ending
+            e.anchored = True
             examples.append(e)
     return examples
 
