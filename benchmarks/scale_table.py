@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 CONFIGS = [  # (label, overrides)
-    ("fp32", []),
+    ("fp32", ["train.precision=fp32"]),  # explicit: the default (auto) is bf16 on a CPU with native bf16
     ("bf16-mixed", ["train.precision=bf16-mixed"]),
     ("bf16", ["train.precision=bf16"]),
     ("8-bit base", ["model.quantization=8bit"]),
