@@ -54,6 +54,11 @@ CONFIGS = [  # (label, model, task, batch, seq_len, extra overrides)
     ("qwen2 untied lora", UNTIED, "sft", 2, 128, ["method=lora"]),
     ("qwen2 untied full", UNTIED, "sft", 2, 128, ["method=full"]),
     ("lora from GGUF", GGUF, "pretrain", 1, 64, ["method=lora"]),
+    # the rows above run in fp32 (train.precision=fp32 below); these in the default, auto: bf16 / bf16-mixed on a
+    # CPU or GPU with native bf16
+    ("lora, auto precision", None, "sft", 4, 128, ["method=lora", "train.precision=auto"]),
+    ("full, auto precision", None, "sft", 2, 128, ["method=full", "train.precision=auto"]),
+    ("dpo lora, auto precision", None, "dpo", 1, 128, ["method=lora", "train.precision=auto"]),
 ]
 STEPS = 3
 WORDS = ("the a of and to in is was for on with as by at from his her they this that which one two three time "
@@ -119,7 +124,7 @@ def overrides(row: tuple, data: Path, out: Path, model: str | None) -> list[str]
     label, _, task, batch, seq_len, extra = row
     items = [f"data.train={data}", f"task={task}", f"train.batch_size={batch}", f"data.max_length={seq_len}",
              f"train.steps={STEPS}", "train.device=cpu", f"output_dir={out}", "overwrite=true", "resume=never",
-             "data.cache=false", "force=true", *extra]
+             "data.cache=false", "force=true", "train.precision=fp32", *extra]
     return items + ([f"model.name={model}"] if model else [])
 
 

@@ -368,3 +368,17 @@ def test_one_unpadded_row_runs_attention_without_a_mask(model_dir):
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     predicted = estimate(MemoryPlan(model=model_dir, method="lora", batch_size=1, seq_len=96)).phases["training step"]
     assert predicted == pytest.approx(_real_step_peak(model_dir, "lora", batch=batch), rel=0.03)
+
+
+def test_loading_an_fp32_checkpoint_in_bf16_holds_the_file_and_the_converted_weights(model_dir):
+    """A dtype-converting load reads every tensor from the mapped fp32 file (its pages stay resident until the
+    load ends) and keeps a bf16 copy: 4 + 2 bytes per base weight, by hand. In the file's own dtype: no term."""
+    from conftest import build_model
+
+    base = sum(p.numel() for p in build_model("llama").parameters())
+    bf16 = estimate(MemoryPlan(model=model_dir, method="lora", batch_size=1, seq_len=8, precision="bf16"))
+    # bf16 base + fp32 adapters (+ a few fp32 buffers: rotary frequencies)
+    assert base * 2 + bf16.trainable_params * 4 <= bf16.weights < base * 2 + bf16.trainable_params * 4 + 1024
+    assert bf16.as_dict()["phases"]["loading the model"] == base * 4 + bf16.weights
+    fp32 = estimate(MemoryPlan(model=model_dir, method="lora", batch_size=1, seq_len=8, precision="fp32"))
+    assert "loading the model" not in fp32.as_dict()["phases"]

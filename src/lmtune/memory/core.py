@@ -135,6 +135,7 @@ def estimate(plan: MemoryPlan) -> Estimate:
     _check(plan)
     converts = formulas.converts_gguf(plan.model)  # before the config is read: that converts the default model
     config = load_model_config(plan.model, plan.trust_remote_code)
+    file_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)  # before the model sets it
     notes = []
     limit = position_limit(config)
     if limit is not None and plan.seq_len > limit:  # no run gets longer rows: check_lengths refuses them
@@ -168,7 +169,7 @@ def estimate(plan: MemoryPlan) -> Estimate:
 
             shard(swaps, tuned, step.weights + swaps.weights, step.gradients_at_peak + swaps.gradients,
                   step.optimizer + swaps.optimizer, plan.devices)
-        phases = formulas.other_phases(tuned, plan, config, shape, step, swaps, converts)
+        phases = formulas.other_phases(tuned, plan, config, shape, step, swaps, converts, file_dtype)
     swaps.notes[:0] = notes
     return _breakdown(step, swaps, phases, plan, trainable, total)
 
