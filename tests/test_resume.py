@@ -180,7 +180,7 @@ def test_a_checkpoint_holds_every_trainable_parameter_and_no_pickle(tmp_path, mo
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, model_dir, monkeypatch):
     task = get_task("sft")
-    objective = task.objective(None)
+    objective = task.objective(load_config(None, ["data.train=unused.jsonl"]))
     calls = {"n": 0}
 
     def nan_on_step_3(model, batch):
@@ -256,7 +256,7 @@ def test_resume_from_a_named_checkpoint(tmp_path, model_dir):
 def test_weights_that_became_infinite_are_never_checkpointed(tmp_path, model_dir, monkeypatch):
     """Unclipped infinite gradients with a finite loss: the poisoned step is refused at the checkpoint."""
     task = get_task("sft")
-    objective = task.objective(None)
+    objective = task.objective(load_config(None, ["data.train=unused.jsonl"]))
     calls = {"n": 0}
 
     def infinite_gradients_on_step_2(model, batch):
