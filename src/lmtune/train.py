@@ -158,6 +158,19 @@ def run(cfg: RunConfig) -> dict:
         return _run(cfg, lock)
 
 
+def _tuned_model(cfg: RunConfig, task: Task, model, tokenizer, guarded: bool) -> TunedModel:
+    """The method applied, with what the task and the forgetting guard need from the model."""
+    tuned = apply(model, cfg.method, base_name=cfg.model.name, tokenizer=tokenizer)
+    if task.prepare_model is not None:
+        task.prepare_model(tuned)  # e.g. the reward head: trains with whatever the method trains, saved beside it
+    if guarded and cfg.data.preserve.kl:
+        reference.hold_copy_if_needed(tuned)  # the KL's base: the method switched off, else a frozen copy
+    _check_packing(cfg, tuned)
+    if cfg.train.gradient_checkpointing:
+        enable_gradient_checkpointing(tuned)
+    return tuned
+
+
 def _run(cfg: RunConfig, lock: RunLock) -> dict:
     out = _check_output(cfg)
     memory_report = preflight(cfg)  # before any weight is loaded: a run that cannot fit is refused in seconds
@@ -183,14 +196,7 @@ def _run(cfg: RunConfig, lock: RunLock) -> dict:
     batch_note = check_batches(t.batch_size, t.grad_accum, len(train_set), math.ceil(len(train_set) / t.batch_size))
     # Seeded after loading: a first-use conversion of the default model draws random numbers.
     set_seed(cfg.train.seed)
-    tuned = apply(model, cfg.method, base_name=cfg.model.name, tokenizer=tokenizer)
-    if task.prepare_model is not None:
-        task.prepare_model(tuned)  # e.g. the reward head: trains with whatever the method trains, saved beside it
-    if guard is not None and cfg.data.preserve.kl:
-        reference.hold_copy_if_needed(tuned)  # the KL's base: the method switched off, else a frozen copy
-    _check_packing(cfg, tuned)
-    if t.gradient_checkpointing:
-        enable_gradient_checkpointing(tuned)
+    tuned = _tuned_model(cfg, task, model, tokenizer, guard is not None)
     if accelerator.is_main_process:
         _prepare_output(cfg, out, lock)
         prepare(out, source)
