@@ -382,3 +382,20 @@ def test_loading_an_fp32_checkpoint_in_bf16_holds_the_file_and_the_converted_wei
     assert bf16.as_dict()["phases"]["loading the model"] == base * 4 + bf16.weights
     fp32 = estimate(MemoryPlan(model=model_dir, method="lora", batch_size=1, seq_len=8, precision="fp32"))
     assert "loading the model" not in fp32.as_dict()["phases"]
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_the_guards_kl_step_matches_memtracker(model_dir, method):
+    """data.preserve.kl: the step keeps full-vocabulary logits and runs a reference pass on the guard's rows
+    (objectives.sft_kl_loss); every row one of the guard's, the worst case the estimate takes."""
+    from lmtune.objectives import sft_kl_loss
+    from lmtune.tasks import reference
+
+    batch = {**_padded_batch(B, S), "anchored": torch.ones(B, dtype=torch.bool)}
+    plan = MemoryPlan(model=model_dir, method=method, batch_size=B, seq_len=S, preserve_kl=True)
+    predicted = estimate(plan)
+    measured = _real_step_peak(model_dir, method, objective=functools.partial(sft_kl_loss, weight=1.0), batch=batch,
+                               prepare=reference.hold_copy_if_needed)
+    assert predicted.phases["training step"] == pytest.approx(measured, rel=0.03)
+    plain = estimate(MemoryPlan(model=model_dir, method=method, batch_size=B, seq_len=S))
+    assert predicted.phases["training step"] > plain.phases["training step"]

@@ -57,6 +57,8 @@ class MemoryPlan:
     gradient_checkpointing: bool = False
     packing: bool = False
     """Packed sequences: no padding, so no attention mask and every position is labelled text."""
+    preserve_kl: bool = False
+    """data.preserve with a KL term: the step keeps full-vocabulary logits and runs a reference pass."""
     task: Literal["sft", "pretrain", "dpo", "simpo", "reward", "grpo"] = "sft"
     """What each micro-batch is: sft / pretrain rows; dpo, simpo, reward chosen + rejected pairs (dpo with a
     reference pass, reward through a scalar head); grpo `group_size` sampled completions per prompt

@@ -74,6 +74,7 @@ def plan_from_config(cfg) -> MemoryPlan:
         gradient_checkpointing=bool(getattr(train, "gradient_checkpointing", False)),
         quantization=getattr(model, "quantization", None) or "none",
         packing=bool(getattr(data, "packing", False)),
+        preserve_kl=bool(getattr(data, "preserve", None) and data.preserve.prompts and data.preserve.kl),
         task=get_task(cfg.task).memory_shape, group_size=cfg.grpo.group_size,
         max_new_tokens=cfg.grpo.max_new_tokens, kl_beta=cfg.grpo.beta, device=device,
         devices=int(os.environ.get("WORLD_SIZE", "1")), clip_grad=train.max_grad_norm is not None,

@@ -37,6 +37,9 @@ class StepShape:
     """Reward model: a scalar head on the last real token instead of the LM head."""
     generation_tokens: int = 0
     """Tokens of KV cache held while sampling (rows x (prompt + completion)); 0: no sampling phase."""
+    kl_rows: int = 0
+    """data.preserve.kl: rows of the guard's answers (all of them, the worst case) scored against the reference
+    with full-vocabulary logits; 0: the plain objective."""
 
 
 def _labelled(plan, seq_len: int) -> int:
@@ -45,7 +48,9 @@ def _labelled(plan, seq_len: int) -> int:
 
 
 def _lm(plan, switches: bool) -> StepShape:
-    return StepShape(plan.batch_size, plan.seq_len, _labelled(plan, plan.seq_len))
+    kl = plan.task == "sft" and getattr(plan, "preserve_kl", False)
+    return StepShape(plan.batch_size, plan.seq_len, _labelled(plan, plan.seq_len),
+                     kl_rows=plan.batch_size if kl else 0, copy_weights=kl and not switches)
 
 
 def _dpo(plan, switches: bool) -> StepShape:

@@ -227,6 +227,8 @@ def trace_step(model: torch.nn.Module, shape: StepShape, *, optimizer: str, auto
         keep = torch.zeros(shape.rows, shape.seq_len, dtype=torch.bool, device=device)
         if shape.score_head:
             loss = _score_loss(model, input_ids, autocast)
+        elif shape.kl_rows:  # data.preserve.kl: objectives.sft_kl_loss
+            loss = _kl_loss(model, input_ids, keep, count, autocast, padded, shape.kl_rows)
         else:  # the policy's forward first: a reference pass runs while its graph is alive (objectives.dpo_loss)
             loss = token_logps_loss(model, input_ids, keep, count, autocast, padded)
         if shape.reference:
@@ -250,6 +252,32 @@ def _score_loss(model, input_ids, autocast) -> torch.Tensor:
 
     with autocast:
         return scores(model, input_ids, torch.ones_like(input_ids)).sum()
+
+
+def _kl_loss(model, input_ids, keep, count, autocast, padded: bool, rows: int) -> torch.Tensor:
+    """objectives.sft_kl_loss's memory path: full-vocabulary fp32 logits at every kept position (no chunked head)
+    and their cross-entropy, then a no-grad reference pass (method switched off) on the `rows` anchored rows and
+    the KL between the two log-softmaxes at their positions."""
+    mask = torch.ones_like(input_ids) if padded else None
+    with autocast:
+        logits = model(input_ids=input_ids, attention_mask=mask, logits_to_keep=keep).logits.float()
+    nll = F.cross_entropy(logits, torch.zeros(count, dtype=torch.long, device=logits.device), reduction="sum")
+    anchored = count * rows // input_ids.shape[0]  # the kept positions of the anchored rows
+    switches = [m for m in model.modules() if hasattr(m, "disabled")]
+    for m in switches:
+        m.disabled = True
+    try:
+        with torch.no_grad(), _set(_KEEP_COUNT, anchored), autocast:
+            ref = model(input_ids=input_ids[:rows], attention_mask=None if mask is None else mask[:rows],
+                        logits_to_keep=keep[:rows]).logits
+        ref_logps = F.log_softmax(ref.float(), dim=-1)
+        del ref
+    finally:
+        for m in switches:
+            m.disabled = False
+    index = torch.arange(anchored, device=logits.device)  # boolean indexing in the objective: a copy
+    logps = F.log_softmax(logits.index_select(0, index), dim=-1)
+    return nll + F.kl_div(logps, ref_logps, log_target=True, reduction="sum")
 
 
 def _reference_logps(model, input_ids, keep, count, autocast, padded: bool) -> torch.Tensor:
