@@ -95,3 +95,7 @@ def test_a_frozen_embedding_no_head_reads_is_resident_only_where_looked_up(tmp_p
     plan = MemoryPlan(model=str(tmp_path / "m"), batch_size=1, seq_len=16)
     kept = whole - (estimate(plan).per_device - estimate(replace(plan, token_ids=ids)).per_device)
     assert 0 < grown <= kept < whole / 2
+    # Loaded in bf16 from this fp32 file, the embedding is a converted copy, resident whole: nothing is taken off
+    # (the file's dtype is read before the traced model is built, which sets the config's to the load dtype).
+    bf16 = replace(plan, precision="bf16")
+    assert estimate(replace(bf16, token_ids=ids)).weights == estimate(bf16).weights

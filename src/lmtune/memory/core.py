@@ -165,7 +165,7 @@ def estimate(plan: MemoryPlan) -> Estimate:
                           packed=plan.packing)
         trainable, total = tuned.trainable_parameters()
         swaps = formulas.swaps(tuned, plan)
-        formulas.unread_embedding(swaps, model, plan, config, reads_head=not shape.score_head)
+        formulas.unread_embedding(swaps, model, plan, file_dtype, reads_head=not shape.score_head)
         if plan.sharding == "fsdp" and plan.devices > 1:
             from lmtune.memory.sharding import shard
 

@@ -71,7 +71,7 @@ def adamw_8bit_bytes(param: torch.Tensor) -> int:
     return 2 * numel + 2 * 4 * math.ceil(numel / 256)
 
 
-def unread_embedding(out: Swaps, model: nn.Module, plan, config, reads_head: bool) -> None:
+def unread_embedding(out: Swaps, model: nn.Module, plan, file_dtype, reads_head: bool) -> None:
     """Take off the pages of the input embedding that the run never reads, where the weights stay mapped from
     the safetensors file (CPU, no quantization, no GGUF dequantisation, no dtype conversion) and only the rows
     of the data's tokens are ever looked up: the embedding is frozen and no LM head multiplies by it (an untied
@@ -80,8 +80,8 @@ def unread_embedding(out: Swaps, model: nn.Module, plan, config, reads_head: boo
     +2.1% / -7.9% with the data's token ids."""
     embedding = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
-    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    converted = str(stored).removeprefix("torch.") != str(embedding.dtype).removeprefix("torch.")
+    # `file_dtype`: the checkpoint's, read before the traced model was built (building it sets the config's)
+    converted = str(file_dtype).removeprefix("torch.") != str(embedding.dtype).removeprefix("torch.")
     if (plan.token_ids is None or plan.device != "cpu" or plan.quantization != "none" or embedding.requires_grad
             or str(plan.model or "").endswith(".gguf") or converted
             or (reads_head and head is not None and head.weight is embedding)):
@@ -170,8 +170,8 @@ def load_peak(tuned: nn.Module, plan, weights: int, converts: bool, file_dtype) 
     """
     if converts:
         return 2 * weights + _gguf_file_bytes(plan.model)
-    dtype = file_dtype
-    source_size = getattr(torch, str(dtype).removeprefix("torch."), torch.float32).itemsize if dtype else 4
+    source_size = (getattr(torch, str(file_dtype).removeprefix("torch."), torch.float32).itemsize if file_dtype
+                   else 4)
     if plan.quantization == "none":
         base = [p for p in tuned.parameters() if p.element_size() != source_size]  # not fp32 adapters
         return weights + sum(p.numel() for p in base) * source_size if base else 0
