@@ -210,8 +210,9 @@ def _run(cfg: RunConfig, lock: RunLock) -> dict:
              stats.tokens_cut, stats.dropped_no_labels,
              f", {stats.skipped_bad} bad records skipped" if stats.skipped_bad else "")
     world = accelerator.num_processes
+    effective = t.batch_size * t.grad_accum * world  # examples per optimizer step
     log.info("batch: %d examples x %d accumulation x %d processes = %d per optimizer step", t.batch_size,
-             t.grad_accum, world, t.batch_size * t.grad_accum * world)
+             t.grad_accum, world, effective)
     if batch_note:
         log.info("batch: %s", batch_note)
     pad = _collate_fn(cfg, task, tokenizer.pad_token_id)
@@ -225,7 +226,7 @@ def _run(cfg: RunConfig, lock: RunLock) -> dict:
                                   weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, t.warmup_steps, steps, t.schedule))
-    visits = steps * t.batch_size * t.grad_accum * world
+    visits = steps * effective
     if task.reference == "sequences" and reference.cache_pays(tuned, visits, len(train_set) + len(eval_set)):
         # Before a checkpoint is restored: the reference is the model as it was before any training.
         reference.cache_pair_logps(tuned.to(accelerator.device), train_set + eval_set, pad, t.batch_size,
@@ -237,7 +238,7 @@ def _run(cfg: RunConfig, lock: RunLock) -> dict:
         summary = _loop(cfg, task, tuned, optimizer, scheduler, loader, eval_loader, steps, accelerator, out,
                         start, stop)
     summary["data"] = asdict(stats)
-    summary["effective_batch"] = t.batch_size * t.grad_accum * world
+    summary["effective_batch"] = effective
     summary["eval_examples"] = len(eval_set)
     summary["precision"] = precision
     summary.update(peak_memory(accelerator.device))

@@ -14,6 +14,7 @@ from lmtune.errors import LmtuneError
 from lmtune.memory.allocator import configure_allocator
 from lmtune.memory.core import _MODEL_DTYPE_PRECISION, Estimate, MemoryPlan, estimate
 from lmtune.precision import resolve as resolve_precision
+from lmtune.precision import train_device
 from lmtune.tasks import get_task
 
 GIB = 2**30
@@ -66,7 +67,7 @@ def available_memory(device: str) -> int:
 def plan_from_config(cfg) -> MemoryPlan:
     """The plan of a `RunConfig`; options the config does not have yet keep their defaults."""
     train, data, model = cfg.train, cfg.data, cfg.model
-    device = "cuda" if train.device != "cpu" and torch.cuda.is_available() else "cpu"
+    device = train_device(cfg)
     return MemoryPlan(
         model=model.name, method=cfg.method, batch_size=train.batch_size, seq_len=data.max_length,
         precision=resolve_precision(cfg)[0] if hasattr(train, "precision") else _MODEL_DTYPE_PRECISION[model.dtype],

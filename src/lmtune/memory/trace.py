@@ -263,32 +263,33 @@ def _kl_loss(model, input_ids, keep, count, autocast, padded: bool, rows: int) -
         logits = model(input_ids=input_ids, attention_mask=mask, logits_to_keep=keep).logits.float()
     nll = F.cross_entropy(logits, torch.zeros(count, dtype=torch.long, device=logits.device), reduction="sum")
     anchored = count * rows // input_ids.shape[0]  # the kept positions of the anchored rows
-    switches = [m for m in model.modules() if hasattr(m, "disabled")]
-    for m in switches:
-        m.disabled = True
-    try:
-        with torch.no_grad(), _set(_KEEP_COUNT, anchored), autocast:
+    with _methods_off(model), torch.no_grad(), _set(_KEEP_COUNT, anchored):
+        with autocast:
             ref = model(input_ids=input_ids[:rows], attention_mask=None if mask is None else mask[:rows],
                         logits_to_keep=keep[:rows]).logits
         ref_logps = F.log_softmax(ref.float(), dim=-1)
         del ref
-    finally:
-        for m in switches:
-            m.disabled = False
     index = torch.arange(anchored, device=logits.device)  # boolean indexing in the objective: a copy
     logps = F.log_softmax(logits.index_select(0, index), dim=-1)
     return nll + F.kl_div(logps, ref_logps, log_target=True, reduction="sum")
 
 
-def _reference_logps(model, input_ids, keep, count, autocast, padded: bool) -> torch.Tensor:
-    """The reference pass (DPO, GRPO): the model with its method switched off, no graph; only per-token
-    log-probabilities survive."""
+@contextlib.contextmanager
+def _methods_off(model) -> Iterator[None]:
+    """The reference's model: every method module switched off (none to switch for full / freeze, whose
+    reference costs the same activations)."""
     switches = [m for m in model.modules() if hasattr(m, "disabled")]
     for m in switches:
         m.disabled = True
     try:
-        with torch.no_grad():
-            return token_logps_loss(model, input_ids, keep, count, autocast, padded).reshape(1)
+        yield
     finally:
         for m in switches:
             m.disabled = False
+
+
+def _reference_logps(model, input_ids, keep, count, autocast, padded: bool) -> torch.Tensor:
+    """The reference pass (DPO, GRPO): the model with its method switched off, no graph; only per-token
+    log-probabilities survive."""
+    with _methods_off(model), torch.no_grad():
+        return token_logps_loss(model, input_ids, keep, count, autocast, padded).reshape(1)
