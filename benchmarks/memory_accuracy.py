@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+STEPS = 3
+VARIED_STEPS = 40
 UNTIED = "qwen2-untied"  # a random Qwen2 with an untied lm_head, built once into a temp directory
 GGUF = "gguf"  # the default model's GGUF file itself: dequantised on every load
 CONFIGS = [  # (label, model, task, batch, seq_len, extra overrides)
@@ -59,8 +61,11 @@ CONFIGS = [  # (label, model, task, batch, seq_len, extra overrides)
     ("lora, auto precision", None, "sft", 4, 128, ["method=lora", "train.precision=auto"]),
     ("full, auto precision", None, "sft", 2, 128, ["method=full", "train.precision=auto"]),
     ("dpo lora, auto precision", None, "dpo", 1, 128, ["method=lora", "train.precision=auto"]),
+    # 40 steps on records of varied length (every batch another shape, the longest filling data.max_length): what
+    # grows over a run (bf16 kernels cached per shape) shows only in a long run of varied shapes
+    ("lora, auto, 40 varied steps", None, "sft", 4, 128, ["method=lora", "train.precision=auto",
+                                                           f"train.steps={VARIED_STEPS}"]),
 ]
-STEPS = 3
 WORDS = ("the a of and to in is was for on with as by at from his her they this that which one two three time "
          "people water world house river light music number story letter paper city north south early later "
          "small large green blue quickly slowly because although however between").split()
@@ -70,12 +75,15 @@ def _text(rng: random.Random, words: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(words))
 
 
-def write_data(path: Path, task: str, seq_len: int, records: int) -> None:
-    """Records long enough that every sequence is cut to `seq_len` (the estimate's worst case)."""
+def write_data(path: Path, task: str, seq_len: int, records: int, varied: bool = False) -> None:
+    """Records long enough that every sequence is cut to `seq_len` (the estimate's worst case); `varied` (sft only):
+    completions of 4 to seq_len + 64 words, so that batches differ in length and the longest ones are cut."""
     rng, long = random.Random(0), seq_len + 64
     rows = []
     for _ in range(records):
-        if task == "pretrain":
+        if varied:
+            rows.append({"prompt": _text(rng, 4), "completion": _text(rng, rng.randint(4, long))})
+        elif task == "pretrain":
             rows.append({"text": _text(rng, long)})
         elif task in ("dpo", "simpo", "reward"):
             rows.append({"prompt": _text(rng, 4), "chosen": _text(rng, long), "rejected": _text(rng, long)})
@@ -173,7 +181,9 @@ def measure_rows(args: argparse.Namespace, chosen: list[tuple], tmp: Path) -> li
     for i, row in enumerate(chosen):
         label, model, task, batch, seq_len, _ = row
         data = tmp / f"data-{i}.jsonl"
-        write_data(data, task, seq_len, records=max(8, 3 * batch + 2))
+        varied = f"train.steps={VARIED_STEPS}" in row[5]
+        write_data(data, task, seq_len, records=max(8, 3 * batch + 2) if not varied else VARIED_STEPS * batch,
+                   varied=varied)
         items = overrides(row, data, tmp / f"run-{i}", {UNTIED: untied, GGUF: gguf_path()}.get(model))
         started = time.perf_counter()
         peak, _ = _peak_rss([sys.executable, "-m", "lmtune.cli", "train", *items], env)
