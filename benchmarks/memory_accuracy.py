@@ -63,8 +63,8 @@ CONFIGS = [  # (label, model, task, batch, seq_len, extra overrides)
     ("dpo lora, auto precision", None, "dpo", 1, 128, ["method=lora", "train.precision=auto"]),
     # 40 steps on records of varied length (every batch another shape, the longest filling data.max_length): what
     # grows over a run (bf16 kernels cached per shape) shows only in a long run of varied shapes
-    ("lora, auto, 40 varied steps", None, "sft", 4, 128, ["method=lora", "train.precision=auto",
-                                                           f"train.steps={VARIED_STEPS}"]),
+    ("lora all-linear, auto, 40 varied steps", None, "sft", 4, 256,
+     ["method.name=lora", "method.target_modules=all-linear", "train.precision=auto", f"train.steps={VARIED_STEPS}"]),
 ]
 WORDS = ("the a of and to in is was for on with as by at from his her they this that which one two three time "
          "people water world house river light music number story letter paper city north south early later "
