@@ -30,8 +30,9 @@ of 1,024 more. A primitive is made per shape; a training step on batches of vary
 (every linear layer's forward and two backward products at the new length), each entry holding 0.3-1 MiB, so the
 caches grow by ~15 MiB a step until full, and a run's peak grows with its length: the quickstart (bf16, 30 steps)
 peaked at 1.47 GiB against 1.17 estimated (-20 %), its 80 steps at 1.68 (-30 %). lmtune bounds both caches at
-KERNEL_CACHE entries (more than the ~50 distinct primitives of one step at a fixed shape, so fixed-length and packed
-batches still hit): 1.18 GiB (-0.6 %), the same CPU time (183 vs 190 s; `benchmarks/results/memory/kernel_cache.md`).
+KERNEL_CACHE entries, enough for one step's kernels at a fixed shape (packed 4 x 256 batches ran no slower: LoRA
+142 vs 159 CPU s, full 174 vs 184): the quickstart's 30 steps 1.18 GiB (-0.6 %), 183 vs 190 CPU s
+(`benchmarks/results/memory/kernel_cache.md`).
 Both read their capacity from the environment at their first use, so it is set here, before any matmul of the run.
 
 Opt out with `LMTUNE_ALLOCATOR=system`; a user's own `MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_` /
