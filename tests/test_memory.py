@@ -423,3 +423,45 @@ def test_the_guards_kl_step_matches_memtracker(model_dir, method):
     assert predicted.phases["training step"] == pytest.approx(measured, rel=0.03)
     plain = estimate(MemoryPlan(model=model_dir, method=method, batch_size=B, seq_len=S))
     assert predicted.phases["training step"] > plain.phases["training step"]
+
+
+def test_a_stopped_trace_never_aborts_the_process(tmp_path):
+    """The studio stops an estimate by raising from the trace's per-op check (time limit, newer request). Raised at
+    a `prim.device` query, which C++ makes where no exception may pass, it killed the whole process ("terminate
+    called after throwing an instance of 'python_error'", found when the studio's deadline hit under load; on the
+    tiny llama the 400th checked op of the old numbering). A fresh process stops the same trace at each of 40
+    consecutive ops there: every stop must come back as the exception, and the process must exit normally."""
+    data = tmp_path / "one.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n')
+    code = f"""
+import sys, tempfile
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import torch
+torch.set_num_threads(1)
+from conftest import build_model, build_tokenizer
+from lmtune.config import load_config
+from lmtune.memory import estimate
+from lmtune.memory.report import plan_from_config
+from lmtune.memory.trace import checked
+d = tempfile.mkdtemp()
+build_model("llama").save_pretrained(d)
+build_tokenizer().save_pretrained(d)
+plan = plan_from_config(load_config(None, [f"model.name={{d}}", "data.train={data}", "data.max_length=16",
+                                           "method.r=2", "train.batch_size=2"]))
+stopped = 0
+for n in range(380, 420):
+    calls = [0]
+    def check():
+        calls[0] += 1
+        if calls[0] >= n:
+            raise RuntimeError("stop")
+    try:
+        with checked(check):
+            estimate(plan)
+    except RuntimeError:
+        stopped += 1
+print(stopped)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-500:]
+    assert int(out.stdout) == 40
