@@ -87,7 +87,11 @@ def test_gradient_accumulation_is_normalised_by_tokens(tmp_path, model_dir, toke
     for key in one:
         torch.testing.assert_close(one[key], oracle[key], rtol=0, atol=1e-6, msg=key)
         torch.testing.assert_close(two[key], one[key], rtol=0, atol=1e-6, msg=key)
-        torch.testing.assert_close(four[key], one[key], rtol=0, atol=1e-6, msg=key)
+        # One example per micro-batch sums the gradient in another order; AdamW's first step divides by |g| + 1e-8,
+        # so an element whose gradient is near 1e-8 turns 1e-10 of summation noise into ~1e-6 of update (seen on
+        # one machine's kernels, 2026-12-03). A wrong normalisation moves most elements by ~lr (1e-3).
+        gap = (four[key] - one[key]).abs()
+        assert float(gap.max()) < 1e-4 and float((gap > 1e-6).float().mean()) < 0.01, (key, float(gap.max()))
 
 
 def test_same_seed_same_run(tmp_path, model_dir):
