@@ -52,8 +52,9 @@ def test_training_lowers_the_eval_loss(tmp_path, model_dir, method, lr):
     assert summary["eval_loss_start"] == pytest.approx(math.log(320), abs=0.2)  # an untrained tiny model
 
 
-def hand_made_step(model_dir: str, tokenizer, texts: list[str], lr: float) -> dict[str, torch.Tensor]:
-    """The oracle: one AdamW step on the mean NLL over every label token of all `texts` together."""
+def hand_made_step(model_dir: str, tokenizer, texts: list[str], lr: float) -> tuple[dict, list[torch.Tensor]]:
+    """The oracle: one AdamW step on the mean NLL over every label token of all `texts` together; the stepped
+    weights and the gradient of each parameter, in `model.parameters()` order."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir).train()
     total, count = 0.0, 0
@@ -63,13 +64,24 @@ def hand_made_step(model_dir: str, tokenizer, texts: list[str], lr: float) -> di
         total = total + F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum")
         count += ids.shape[1] - 1
     (total / count).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     optimizer.step()
-    return model.state_dict()
+    return model.state_dict(), grads
 
 
 def trained_weights(tmp_path, name: str) -> dict[str, torch.Tensor]:
     return load_file(tmp_path / name / "model.safetensors")
+
+
+def first_step_gradients(tmp_path, name: str) -> list[torch.Tensor]:
+    """The gradient a run's first optimizer step used, read back from its checkpoint: AdamW's first moment
+    after one step is (1 - beta1) * g (parameter index order = the trainable parameters' order)."""
+    step = tmp_path / name / "checkpoints" / "step-00000001"
+    beta1 = json.loads((step / "state.json").read_text())["optimizer"]["param_groups"][0]["betas"][0]
+    moments = load_file(step / "optimizer.safetensors")
+    count = sum(key.endswith(".exp_avg") for key in moments)
+    return [moments[f"{i}.exp_avg"] / (1 - beta1) for i in range(count)]
 
 
 def test_gradient_accumulation_is_normalised_by_tokens(tmp_path, model_dir, tokenizer):
@@ -79,19 +91,24 @@ def test_gradient_accumulation_is_normalised_by_tokens(tmp_path, model_dir, toke
     train(tmp_path, model_dir, "one", *common, "train.batch_size=4", "train.grad_accum=1", texts=texts)
     train(tmp_path, model_dir, "two", *common, "train.batch_size=2", "train.grad_accum=2", texts=texts)
     train(tmp_path, model_dir, "four", *common, "train.batch_size=1", "train.grad_accum=4", texts=texts)
-    oracle = hand_made_step(model_dir, tokenizer, texts, lr=1e-3)
-    one, two, four = (trained_weights(tmp_path, n) for n in ("one", "two", "four"))
-    assert one.keys() == two.keys() == four.keys()
+    oracle, oracle_grads = hand_made_step(model_dir, tokenizer, texts, lr=1e-3)
+    one, two = (trained_weights(tmp_path, n) for n in ("one", "two"))
+    assert one.keys() == two.keys() == trained_weights(tmp_path, "four").keys()
     base = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
     assert all(not torch.equal(one[key], base[key]) for key in one)  # the step moved every tensor
     for key in one:
         torch.testing.assert_close(one[key], oracle[key], rtol=0, atol=1e-6, msg=key)
         torch.testing.assert_close(two[key], one[key], rtol=0, atol=1e-6, msg=key)
-        # One example per micro-batch sums the gradient in another order; AdamW's first step divides by |g| + 1e-8,
-        # so an element whose gradient is near 1e-8 turns 1e-10 of summation noise into ~1e-6 of update (seen on
-        # one machine's kernels, 2026-12-03). A wrong normalisation moves most elements by ~lr (1e-3).
-        gap = (four[key] - one[key]).abs()
-        assert float(gap.max()) < 1e-4 and float((gap > 1e-6).float().mean()) < 0.01, (key, float(gap.max()))
+    # The gradients themselves, for every split: the weights after AdamW's first step cannot show them exactly
+    # (it divides by |g| + 1e-8, so an element whose gradient is near 1e-8 turns 1e-10 of summation order into
+    # ~1e-6 of update). Summation order moves a gradient by <= 4e-7 of its tensor's largest element here; a mean
+    # per micro-batch would be off by a factor of 2-30 on most elements.
+    for name in ("one", "two", "four"):
+        grads = first_step_gradients(tmp_path, name)
+        assert [g.shape for g in grads] == [g.shape for g in oracle_grads]
+        for i, (got, want) in enumerate(zip(grads, oracle_grads, strict=True)):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(want.abs().max()),
+                                       msg=lambda m, name=name, i=i: f"{name}, parameter {i}: {m}")
 
 
 def test_same_seed_same_run(tmp_path, model_dir):
