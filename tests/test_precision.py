@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lmtune.config import load_config
+from lmtune.errors import LmtuneError
 from lmtune.precision import FAST_BF16_ENV, fast_bf16, resolve
 from lmtune.train import run
 
@@ -36,6 +37,15 @@ def test_the_environment_overrides_detection(monkeypatch):
     assert fast_bf16("cpu") == (True, f"{FAST_BF16_ENV}=1")
     monkeypatch.setenv(FAST_BF16_ENV, "0")
     assert fast_bf16("cpu")[0] is False
+    monkeypatch.setenv(FAST_BF16_ENV, "")  # set but empty: as if unset
+    assert fast_bf16("cpu")[1] != f"{FAST_BF16_ENV}="
+
+
+@pytest.mark.parametrize("value", ["yes", "true", "2"])
+def test_a_mistyped_override_is_refused(monkeypatch, value):
+    monkeypatch.setenv(FAST_BF16_ENV, value)
+    with pytest.raises(LmtuneError, match=f"{FAST_BF16_ENV}='{value}': set it to 1"):
+        fast_bf16("cpu")
 
 
 @pytest.mark.parametrize(("fast", "extra", "expected"), [

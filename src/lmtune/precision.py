@@ -19,14 +19,19 @@ import os
 
 import torch
 
+from lmtune.errors import LmtuneError
+
 FAST_BF16_ENV = "LMTUNE_FAST_BF16"
 
 
 def fast_bf16(device: str) -> tuple[bool, str]:
     """Whether `device` ("cpu" or "cuda") multiplies bf16 natively, and the evidence in words."""
-    forced = os.environ.get(FAST_BF16_ENV)
+    forced = os.environ.get(FAST_BF16_ENV, "").strip()
     if forced in ("0", "1"):
         return forced == "1", f"{FAST_BF16_ENV}={forced}"
+    if forced:  # a typo must not silently fall back to detection
+        raise LmtuneError(f"{FAST_BF16_ENV}={forced!r}: set it to 1 (bf16 is fast here), 0 (it is not), or unset it "
+                          "to detect")
     if device == "cuda":
         major, minor = torch.cuda.get_device_capability()
         name = torch.cuda.get_device_name()
