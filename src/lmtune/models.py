@@ -22,6 +22,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -188,3 +189,15 @@ def _first_line(err: BaseException) -> str:
         return (f"{text[0]} — this transformers version does not know the architecture; upgrade transformers, "
                 "or set model.trust_remote_code if you trust the checkpoint's code")
     return text[0] if text else type(err).__name__
+
+
+def position_limit(model: torch.nn.Module | PretrainedConfig) -> int | None:
+    """The most positions the model (or model config) can attend over, where its (text) config says."""
+    config = model if isinstance(model, PretrainedConfig) else getattr(model, "config", None)
+    if hasattr(config, "get_text_config"):  # a multimodal config keeps the decoder's limit in its text config
+        config = config.get_text_config(decoder=True)
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

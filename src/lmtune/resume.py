@@ -26,11 +26,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
-from transformers import PretrainedConfig
 
 from lmtune.checkpoint import RUN_INFO
 from lmtune.config import RunConfig
 from lmtune.errors import LmtuneError
+from lmtune.models import position_limit
 
 CHECKPOINTS = "checkpoints"
 STATE = "state.json"
@@ -293,16 +293,6 @@ def check_finite(loss: float, grad_norm: float | None, step: int, out: Path) -> 
 def _last_good(out: Path) -> str:
     found = checkpoints(out)
     return f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
-
-
-def position_limit(model: torch.nn.Module | PretrainedConfig) -> int | None:
-    """The most positions the model (or model config) can attend over, where its config says."""
-    config = model if isinstance(model, PretrainedConfig) else getattr(model, "config", None)
-    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def check_batches(batch_size: int, grad_accum: int, examples: int, micro_batches: int) -> str | None:

@@ -131,7 +131,7 @@ def estimate(plan: MemoryPlan) -> Estimate:
     """Predict the peak memory of `plan`'s training run on each device."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from lmtune.resume import position_limit
+    from lmtune.models import position_limit
     from lmtune.tuned import apply
 
     _check(plan)

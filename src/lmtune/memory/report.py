@@ -235,7 +235,7 @@ def _check_completions(plan: MemoryPlan) -> None:
     """GRPO samples up to grpo.max_new_tokens after every prompt: refused before anything loads when that alone
     passes the model's positions (`check_lengths` checks prompt + completion once the data is read)."""
     from lmtune.memory.core import load_model_config
-    from lmtune.resume import position_limit
+    from lmtune.models import position_limit
 
     try:
         limit = position_limit(load_model_config(plan.model, plan.trust_remote_code))

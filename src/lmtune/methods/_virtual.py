@@ -18,6 +18,7 @@ from torch import nn
 
 from lmtune.errors import LmtuneError
 from lmtune.methods import MethodConfig, check_peft_options
+from lmtune.models import position_limit
 
 ATTRIBUTE = "prompt_encoder"
 PEFT_KEY = "prompt_embeddings"
@@ -73,11 +74,6 @@ def new_embedding(model: nn.Module, rows: int, dim: int) -> nn.Embedding:
     """An fp32 table (as LoRA adapters stay fp32 on a bf16 base) on the model's device, init N(0, 1) like PEFT."""
     device = model.get_input_embeddings().weight.device
     return nn.Embedding(rows, dim, device=device, dtype=torch.float32)
-
-
-def position_limit(model: nn.Module) -> int | None:
-    config = model.config.get_text_config(decoder=True)
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
 def check_position_room(model: nn.Module, num_virtual: int, length: int) -> None:
