@@ -4,6 +4,13 @@ The model must answer with exactly one of five label words. The untuned model an
 ("This sentence is about ..."), so exact-match accuracy before tuning is near zero; every method should
 lift it. Held-out sentences are built from held-out subjects, so a method must generalise, not recall.
 Fixed seed: `python examples/make_topics_data.py` rewrites the same files.
+
+It also writes the same sentences as binary feedback for KTO (`examples/kto.yaml`): `topic_feedback.jsonl`, each
+training sentence once with a label marked right or wrong (TRL's unpaired `{prompt, completion, label}`; half are
+the true topic, half one of the other four), and `topic_feedback_eval.jsonl`, each held-out sentence as a pair
+(the true topic chosen, another rejected). Every label word is as often desirable as undesirable, so a model that
+only shifts its preference between label words gains nothing on the held-out pairs: to gain it must read the
+sentence.
 """
 
 from __future__ import annotations
@@ -72,10 +79,28 @@ def build(seed: int = 0) -> tuple[list[dict], list[dict]]:
     return train, heldout[:100]
 
 
+def feedback(train: list[dict], heldout: list[dict], seed: int = 1) -> tuple[list[dict], list[dict]]:
+    """Unpaired right / wrong labels for the training sentences; held-out pairs (true topic, another)."""
+    rng = random.Random(seed)
+
+    def wrong(label: str) -> str:
+        return rng.choice([other for other in LABELS if other != label])
+
+    unpaired = []
+    for i, r in enumerate(train):
+        right = i % 2 == 0  # exactly half, whatever the topic order
+        unpaired.append({"prompt": r["prompt"], "completion": r["completion"] if right else wrong(r["completion"]),
+                         "label": right})
+    pairs = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": wrong(r["completion"])} for r in heldout]
+    return unpaired, pairs
+
+
 def main() -> None:
     out = Path(__file__).parent / "data"
     train, heldout = build()
-    for name, rows in (("topics_train.jsonl", train), ("topics_heldout.jsonl", heldout)):
+    unpaired, pairs = feedback(train, heldout)
+    for name, rows in (("topics_train.jsonl", train), ("topics_heldout.jsonl", heldout),
+                       ("topic_feedback.jsonl", unpaired), ("topic_feedback_eval.jsonl", pairs)):
         (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
         print(f"{out / name}: {len(rows)} records")
 

@@ -126,3 +126,21 @@ def test_kto_trains_from_config_and_rewards_take_the_labels_sign(tmp_path, model
     assert start["eval_rewards/accuracy"] == 0.0 and start["eval_rewards/signed"] == pytest.approx(0.0, abs=1e-6)
     assert summary["eval_rewards/accuracy"] == 1.0 and summary["eval_rewards/signed"] > 0.2
     assert summary["eval_loss"] < start["eval_loss"] - 0.1
+
+
+def test_the_example_reads_unpaired_feedback_and_held_out_pairs(tokenizer):
+    """examples/kto.yaml: each training sentence once, half its true topic (desirable), half another; every
+    held-out sentence as a pair. Label words balanced so no answer-word prior can score on the pairs."""
+    from collections import Counter
+
+    from lmtune.tasks.kto import load_unpaired
+
+    cfg = load_config("examples/kto.yaml", ["data.cache=false"])
+    train, evals, stats = load_unpaired(cfg, tokenizer)
+    assert len(train) == 360 and stats.skipped_bad == stats.dropped_no_labels == 0
+    assert len({tuple(r.input_ids[:r.start]) for r in train}) == 360 and sum(r.desirable for r in train) == 180
+    assert len(evals) == 200 and [r.desirable for r in evals[:2]] == [True, False]
+    words = Counter((tokenizer.decode(r.input_ids[r.start:], skip_special_tokens=True).strip(), r.desirable)
+                    for r in train)
+    for word in {w for w, _ in words}:
+        assert abs(words[word, True] - words[word, False]) <= 0.1 * (words[word, True] + words[word, False]), word
