@@ -2,7 +2,7 @@
 
 Usage: python benchmarks/vs_peft.py [--model PATH] [--large] [--methods lora,ia3,...] [--batch-size 4]
        [--seq-len 128] [--steps 3] [--warmup 1] [--repeats 3] [--label-fraction 1.0,0.5]
-       [--precision fp32,bf16] [--device cpu|cuda] [--trl] [--varlen] [--threads N] [--cpu-time]
+       [--precision fp32,bf16] [--device cpu|cuda] [--trl] [--dpo] [--varlen] [--threads N] [--cpu-time]
        [--out benchmarks/results/vs_peft.md]
 
 Every measurement runs in a fresh process (`--child`), and the two sides alternate (A, B, A, B ...), so drift
@@ -15,6 +15,12 @@ applied (PEFT's config is lmtune's own `to_peft` of the lmtune config), the same
   Methods PEFT does not have (adapter) and full / freeze: the same modules trained by that plain loop on the
   transformers model (transformers' own loss), so the difference is lmtune's step alone.
 - `--trl`: LoRA also against TRL's `SFTTrainer` (PEFT inside), timed between its step callbacks.
+- `--dpo`: a DPO step (LoRA, beta 0.1) against TRL's `DPOTrainer` + PEFT (its default: the reference is the
+  model with the adapter switched off, one more forward per step), on `--batch-size` pairs of word-salad text
+  (prompt and each answer ~`--seq-len`/3 words, chat format, the same text on both sides). lmtune twice: with the
+  reference forward each step (what `lmtune train` does when the run visits each pair about once), and with the
+  reference log-probs cached before training (what it does when the run visits the pairs more often than there
+  are pairs); each its own row.
 - `--varlen`: variable-length SFT data (the example files under examples/data, tokenised by lmtune): lmtune with
   `data.packing` against PEFT + transformers `Trainer` padding each batch to its longest example; the figure is
   useful (non-pad) tokens per second.
@@ -326,7 +332,84 @@ def _trl(spec: dict, model, tokenizer) -> dict:
     return _clock_result(clock, spec, [n] * (spec["warmup"] + spec["steps"]))
 
 
-SIDES = {"lmtune": _lmtune, "peft": _peft, "trainer": _trainer, "trl": _trl}
+def _dpo_pairs(spec: dict) -> list[dict]:
+    """`batch` preference pairs in TRL's conversational format: seeded word salad, the same on both sides."""
+    import random
+
+    rng = random.Random(0)
+    words = ("river stone light window garden paper music silver forest quiet morning yellow market bridge "
+             "letter winter coffee station island pocket candle thunder orange mirror ladder velvet harbor "
+             "engine meadow copper lantern falcon willow").split()
+    n = max(1, spec["seq"] // 3)
+
+    def text() -> str:
+        return " ".join(rng.choice(words) for _ in range(n))
+
+    return [{"prompt": [{"role": "user", "content": text()}], "chosen": [{"role": "assistant", "content": text()}],
+             "rejected": [{"role": "assistant", "content": text()}]} for _ in range(spec["batch"])]
+
+
+def _lmtune_dpo(spec: dict, model, tokenizer) -> dict:
+    """lmtune's DPO step (`objectives.dpo_loss` through `train.train_step`) on lmtune's tokenisation of the pairs."""
+    import torch
+    from accelerate import Accelerator
+
+    from lmtune.config import DataConfig
+    from lmtune.data import collate_pairs
+    from lmtune.data.pipeline import load_data
+    from lmtune.objectives import dpo_loss, real_tokens, sequence_logps
+    from lmtune.tasks import reference
+    from lmtune.train import train_step
+    from lmtune.tuned import apply
+
+    with tempfile.TemporaryDirectory() as work:
+        data = Path(work) / "pairs.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in _dpo_pairs(spec)))
+        pairs, _, _ = load_data(DataConfig(train=str(data), max_length=4 * spec["seq"], cache=False), tokenizer,
+                                "dpo", 0)
+    tuned = _on_device(apply(model, METHODS["lora"], tokenizer=tokenizer), spec)
+    collate = lambda rows: collate_pairs(rows, tokenizer.pad_token_id)  # noqa: E731
+    if spec.get("ref_cache"):
+        reference.cache_pair_logps(tuned, pairs, collate, len(pairs), spec["device"], sequence_logps)
+    accelerator = Accelerator(cpu=spec["device"] == "cpu")
+    optimizer = torch.optim.AdamW([p for p in tuned.parameters() if p.requires_grad], lr=LR,
+                                  weight_decay=WEIGHT_DECAY)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    tuned, optimizer = accelerator.prepare(tuned, optimizer)
+    tuned.train()
+    batch = {k: v.to(spec["device"]) for k, v in collate(pairs).items()}
+
+    def step(b):
+        train_step(tuned, optimizer, scheduler, [b], dpo_loss, accelerator, MAX_GRAD_NORM)
+
+    times = _timed_loop(step, [batch], spec["warmup"], spec["steps"])
+    return {"times": times, "tokens": [real_tokens(batch)] * spec["steps"]}
+
+
+def _trl_dpo(spec: dict, model, tokenizer) -> dict:
+    """PEFT LoRA through TRL's DPOTrainer (reference: the adapter switched off, each step), the same pairs."""
+    from datasets import Dataset
+    from peft import get_peft_config
+    from trl import DPOConfig, DPOTrainer
+
+    from lmtune.methods import get_method, parse_method_config
+
+    pairs = _dpo_pairs(spec)
+    tokens = sum(len(tokenizer(tokenizer.apply_chat_template(r["prompt"] + r[side], tokenize=False),
+                               add_special_tokens=False)["input_ids"]) for r in pairs for side in ("chosen", "rejected"))
+    method = get_method("lora")
+    peft_cfg = get_peft_config({"peft_type": method.peft_type, "task_type": "CAUSAL_LM",
+                                **method.to_peft(parse_method_config(METHODS["lora"]), model)})
+    clock = _StepClock()
+    with tempfile.TemporaryDirectory() as work:
+        args = _trainer_args(spec, work, cls=DPOConfig, beta=0.1, max_length=None, dataset_num_proc=None)
+        DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs * (spec["warmup"] + spec["steps"])),
+                   processing_class=tokenizer, peft_config=peft_cfg, callbacks=[clock]).train()
+    return _clock_result(clock, spec, [tokens] * (spec["warmup"] + spec["steps"]))
+
+
+SIDES = {"lmtune": _lmtune, "peft": _peft, "trainer": _trainer, "trl": _trl, "lmtune_dpo": _lmtune_dpo,
+         "trl_dpo": _trl_dpo}
 
 
 def child(spec: dict) -> None:
@@ -342,7 +425,7 @@ def child(spec: dict) -> None:
     import lmtune.train  # noqa: F401
     from lmtune.models import load_model
 
-    if spec["side"] == "trl":
+    if spec["side"] in ("trl", "trl_dpo"):
         import trl  # noqa: F401
     base = _rss_kb()
     torch.manual_seed(0)
@@ -476,6 +559,21 @@ def precision_rows(label: str, at: dict, names: list[str], fractions: list[float
     return lines
 
 
+def extra_rows(args, spec: dict) -> list[str]:
+    """The default model's rows against other peers: DPO vs TRL (`--dpo`), variable-length data (`--varlen`)."""
+    lines = []
+    if args.dpo:
+        lines.append("| **DPO, LoRA, fp32** (pairs of word salad) | | | | | | | | |")
+        for cached, label in ((False, "reference forward each step"), (True, "reference log-probs cached")):
+            c = compare({**spec, "method": "lora", "ref_cache": cached}, "lmtune_dpo", "trl_dpo", args.repeats)
+            lines.append(table_row(f"dpo, lmtune: {label}", "PEFT + TRL DPOTrainer", c, None))
+    if args.varlen:
+        c = compare({**spec, "method": "lora", "data": "varlen"}, "lmtune", "trainer", args.repeats)
+        lines.append("| **variable-length SFT data, fp32** (useful tokens/s) | | | | | | | | |")
+        lines.append(table_row("lora, lmtune packing", "PEFT + Trainer, padding", c, None))
+    return lines
+
+
 def build_large(directory: Path) -> str:
     """The larger llama, random weights, saved once (with the default model's tokenizer) for every child."""
     import torch
@@ -511,6 +609,7 @@ def main() -> None:
     p.add_argument("--cpu-time", action="store_true",
                    help="time steps by the process's CPU time, not wall time (with --threads 1: robust to other load)")
     p.add_argument("--trl", action="store_true", help="also LoRA against TRL's SFTTrainer")
+    p.add_argument("--dpo", action="store_true", help="also a LoRA DPO step against TRL's DPOTrainer + PEFT")
     p.add_argument("--varlen", action="store_true", help="also variable-length data: packing vs Trainer padding")
     p.add_argument("--out", default=None, help="write the markdown table here")
     args = p.parse_args()
@@ -541,10 +640,7 @@ def main() -> None:
                             "trl", args.repeats)
                 lines.append(table_row(f"lora, fp32, {fractions[-1]:.0%} labelled", "PEFT + TRL SFTTrainer", c,
                                        None))
-        if args.varlen:
-            c = compare({**spec, "method": "lora", "data": "varlen"}, "lmtune", "trainer", args.repeats)
-            lines.append("| **variable-length SFT data, fp32** (useful tokens/s) | | | | | | | | |")
-            lines.append(table_row("lora, lmtune packing", "PEFT + Trainer, padding", c, None))
+        lines += extra_rows(args, spec)
     table = "\n".join(lines) + "\n"
     print(table)
     if args.out:
