@@ -2,7 +2,7 @@
 """Write the small example data sets of the task YAMLs (fixed seeds: the same files every run).
 
 ``examples/data/``
-    ``parity_prefs.jsonl`` / ``parity_prefs_eval.jsonl``  (dpo.yaml, simpo.yaml, orpo.yaml, kto.yaml, reward.yaml)
+    ``parity_prefs.jsonl`` / ``parity_prefs_eval.jsonl``  (dpo.yaml, simpo.yaml, orpo.yaml, reward.yaml)
         Preferences: "Is N even?" with the right answer chosen and the wrong one rejected. The numbers are
         drawn at random, so about half the right answers are "Yes": 153 of the 320 training pairs, 48 of
         the 80 held-out ones. A model with no sense of parity that always prefers "Yes" scores 0.60 on the
