@@ -307,6 +307,11 @@ def _trainer(spec: dict, model, tokenizer) -> dict:
     return _clock_result(clock, spec, tokens)
 
 
+# TRL's SFTConfig and DPOConfig default to bf16 autocast and gradient checkpointing (TRL 1.16); the comparison is
+# at equal precision and with neither side checkpointing, as the plain loops and lmtune run.
+_TRL_EQUAL = {"bf16": False, "gradient_checkpointing": False}
+
+
 def _trl(spec: dict, model, tokenizer) -> dict:
     """PEFT LoRA through TRL's SFTTrainer on the fixed batch (prompt / completion split as for the others)."""
     from datasets import Dataset
@@ -325,7 +330,7 @@ def _trl(spec: dict, model, tokenizer) -> dict:
     clock = _StepClock()
     with tempfile.TemporaryDirectory() as work:
         args = _trainer_args(spec, work, cls=SFTConfig, max_length=spec["seq"], packing=False,
-                             completion_only_loss=True, dataset_num_proc=None)
+                             completion_only_loss=True, dataset_num_proc=None, **_TRL_EQUAL)
         SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=peft_cfg,
                    callbacks=[clock]).train()
     n = spec["batch"] * spec["seq"]
@@ -402,7 +407,8 @@ def _trl_dpo(spec: dict, model, tokenizer) -> dict:
                                 **method.to_peft(parse_method_config(METHODS["lora"]), model)})
     clock = _StepClock()
     with tempfile.TemporaryDirectory() as work:
-        args = _trainer_args(spec, work, cls=DPOConfig, beta=0.1, max_length=None, dataset_num_proc=None)
+        args = _trainer_args(spec, work, cls=DPOConfig, beta=0.1, max_length=None, dataset_num_proc=None,
+                             **_TRL_EQUAL)
         DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs * (spec["warmup"] + spec["steps"])),
                    processing_class=tokenizer, peft_config=peft_cfg, callbacks=[clock]).train()
     return _clock_result(clock, spec, [tokens] * (spec["warmup"] + spec["steps"]))
