@@ -14,7 +14,8 @@ applied (PEFT's config is lmtune's own `to_peft` of the lmtune config), the same
 - PEFT + plain loop: `get_peft_model`, then `model(**batch, labels=labels).loss.backward()`, clip, AdamW step.
   Methods PEFT does not have (adapter) and full / freeze: the same modules trained by that plain loop on the
   transformers model (transformers' own loss), so the difference is lmtune's step alone.
-- `--trl`: LoRA also against TRL's `SFTTrainer` (PEFT inside), timed between its step callbacks.
+- `--trl`: LoRA also against TRL's `SFTTrainer` (PEFT inside), timed between its step callbacks; TRL's bf16 and
+  gradient-checkpointing defaults turned off (`--trl` and `--dpo`), as the other sides run.
 - `--dpo`: a DPO step (LoRA, beta 0.1) against TRL's `DPOTrainer` + PEFT (its default: the reference is the
   model with the adapter switched off, one more forward per step), on `--batch-size` pairs of word-salad text
   (prompt and each answer ~`--seq-len`/3 words, chat format, the same text on both sides). lmtune twice: with the
