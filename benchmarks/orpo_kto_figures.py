@@ -42,14 +42,26 @@ def _first_word(tokenizer, ids, labels) -> str:
     return text[0].strip(string.punctuation).lower() if text else ""
 
 
+def _prompt(record) -> tuple:
+    return tuple(record.input_ids[:record.start])
+
+
+def _by_prompt(dataset) -> dict[tuple, dict[bool, object]]:
+    """KTO records by prompt: {desirable: record}, a pair file's two completions under one prompt."""
+    out: dict[tuple, dict[bool, object]] = {}
+    for r in dataset:
+        out.setdefault(_prompt(r), {})[r.desirable] = r
+    return out
+
+
 def _right_answers(tokenizer, dataset) -> list[str]:
     """Per eval item, the first word of its prompt's right answer (a pair's chosen; for KTO records, the
     desirable completion of the same prompt, "?" where the file holds none)."""
     if hasattr(dataset[0], "chosen"):
         return [_first_word(tokenizer, d.chosen.input_ids, d.chosen.labels) for d in dataset]
-    right = {tuple(r.input_ids[:r.start]): _first_word(tokenizer, r.input_ids, r.labels)
-             for r in dataset if r.desirable}
-    return [right.get(tuple(r.input_ids[:r.start]), "?") for r in dataset]
+    right = {prompt: _first_word(tokenizer, rows[True].input_ids, rows[True].labels)
+             for prompt, rows in _by_prompt(dataset).items() if True in rows}
+    return [right.get(_prompt(r), "?") for r in dataset]
 
 
 def _split_rows(tokenizer, original):
@@ -81,10 +93,7 @@ def _pair_metrics(model, dataset, tokenizer, device) -> dict[str, float]:
     from lmtune.tasks import reference
     from lmtune.tasks.kto import collate_unpaired
 
-    by_prompt: dict[tuple, dict[bool, object]] = {}
-    for r in dataset:
-        by_prompt.setdefault(tuple(r.input_ids[:r.start]), {})[r.desirable] = r
-    pairs = [(p[True], p[False]) for p in by_prompt.values() if len(p) == 2]
+    pairs = [(p[True], p[False]) for p in _by_prompt(dataset).values() if len(p) == 2]
     model.eval()
     out: dict[str, list] = {}
     for i in range(0, len(pairs), 8):

@@ -159,15 +159,11 @@ def _autocast(spec: dict):
     return torch.autocast(spec["device"], dtype=torch.bfloat16, enabled=spec["precision"] == "bf16-mixed")
 
 
-def _lmtune(spec: dict, model, tokenizer) -> dict:
+def _prepared(tuned, spec: dict):
+    """(model, optimizer, scheduler, accelerator) as `lmtune train` sets them up, at the benchmark's settings."""
     import torch
     from accelerate import Accelerator
 
-    from lmtune.objectives import real_tokens, sft_loss
-    from lmtune.train import train_step
-    from lmtune.tuned import apply
-
-    tuned = _on_device(apply(model, METHODS[spec["method"]], tokenizer=tokenizer), spec)
     accelerator = Accelerator(cpu=spec["device"] == "cpu",
                               mixed_precision="bf16" if spec["precision"] == "bf16-mixed" else "no")
     optimizer = torch.optim.AdamW([p for p in tuned.parameters() if p.requires_grad], lr=LR,
@@ -175,6 +171,16 @@ def _lmtune(spec: dict, model, tokenizer) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     tuned, optimizer = accelerator.prepare(tuned, optimizer)
     tuned.train()
+    return tuned, optimizer, scheduler, accelerator
+
+
+def _lmtune(spec: dict, model, tokenizer) -> dict:
+    from lmtune.objectives import real_tokens, sft_loss
+    from lmtune.train import train_step
+    from lmtune.tuned import apply
+
+    tuned, optimizer, scheduler, accelerator = _prepared(
+        _on_device(apply(model, METHODS[spec["method"]], tokenizer=tokenizer), spec), spec)
     batches = _batches(spec, tokenizer, model, packed=True)
     losses = []
 
@@ -212,20 +218,26 @@ def _step_tokens(batches: list[dict], spec: dict, count) -> list[int]:
     return [count(batches[i % len(batches)]) for i in range(spec["warmup"], n)]
 
 
-def _peer_model(spec: dict, model, tokenizer):
-    """PEFT's model for the method, or (methods PEFT lacks, full, freeze) lmtune's modules on the bare model."""
-    from peft import get_peft_config, get_peft_model
+def _peft_config(name: str, model):
+    """PEFT's config for the benchmark's method `name`: lmtune's own `to_peft` of the lmtune settings."""
+    from peft import get_peft_config
 
     from lmtune.methods import get_method, parse_method_config
+
+    method = get_method(METHODS[name]["name"])
+    return get_peft_config({"peft_type": method.peft_type, "task_type": "CAUSAL_LM",
+                            **method.to_peft(parse_method_config(METHODS[name]), model)})
+
+
+def _peer_model(spec: dict, model, tokenizer):
+    """PEFT's model for the method, or (methods PEFT lacks, full, freeze) lmtune's modules on the bare model."""
+    from peft import get_peft_model
+
     from lmtune.tuned import apply
 
-    method = get_method(METHODS[spec["method"]]["name"])
     if spec["method"] in ("adapter", "full", "freeze"):
         return apply(model, METHODS[spec["method"]], tokenizer=tokenizer).model
-    cfg = parse_method_config(METHODS[spec["method"]])
-    peft_cfg = get_peft_config({"peft_type": method.peft_type, "task_type": "CAUSAL_LM",
-                                **method.to_peft(cfg, model)})
-    return get_peft_model(model, peft_cfg)
+    return get_peft_model(model, _peft_config(spec["method"], model))
 
 
 def _peft(spec: dict, model, tokenizer) -> dict:
@@ -316,18 +328,13 @@ _TRL_EQUAL = {"bf16": False, "gradient_checkpointing": False}
 def _trl(spec: dict, model, tokenizer) -> dict:
     """PEFT LoRA through TRL's SFTTrainer on the fixed batch (prompt / completion split as for the others)."""
     from datasets import Dataset
-    from peft import get_peft_config
     from trl import SFTConfig, SFTTrainer
-
-    from lmtune.methods import get_method, parse_method_config
 
     batch = _fixed_batch(spec, model.config.vocab_size)
     rows = [{"input_ids": ids.tolist(), "completion_mask": (lab != -100).long().tolist()}
             for ids, lab in zip(batch["input_ids"], batch["labels"], strict=True)]
     data = Dataset.from_list(rows * (spec["warmup"] + spec["steps"]))
-    method = get_method(spec["method"])
-    cfg = parse_method_config(METHODS[spec["method"]])
-    peft_cfg = get_peft_config({"peft_type": method.peft_type, "task_type": "CAUSAL_LM", **method.to_peft(cfg, model)})
+    peft_cfg = _peft_config(spec["method"], model)
     clock = _StepClock()
     with tempfile.TemporaryDirectory() as work:
         args = _trainer_args(spec, work, cls=SFTConfig, max_length=spec["seq"], packing=False,
@@ -357,9 +364,6 @@ def _dpo_pairs(spec: dict) -> list[dict]:
 
 def _lmtune_dpo(spec: dict, model, tokenizer) -> dict:
     """lmtune's DPO step (`objectives.dpo_loss` through `train.train_step`) on lmtune's tokenisation of the pairs."""
-    import torch
-    from accelerate import Accelerator
-
     from lmtune.config import DataConfig
     from lmtune.data import collate_pairs
     from lmtune.data.pipeline import load_data
@@ -377,12 +381,7 @@ def _lmtune_dpo(spec: dict, model, tokenizer) -> dict:
     collate = lambda rows: collate_pairs(rows, tokenizer.pad_token_id)  # noqa: E731
     if spec.get("ref_cache"):
         reference.cache_pair_logps(tuned, pairs, collate, len(pairs), spec["device"], sequence_logps)
-    accelerator = Accelerator(cpu=spec["device"] == "cpu")
-    optimizer = torch.optim.AdamW([p for p in tuned.parameters() if p.requires_grad], lr=LR,
-                                  weight_decay=WEIGHT_DECAY)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    tuned, optimizer = accelerator.prepare(tuned, optimizer)
-    tuned.train()
+    tuned, optimizer, scheduler, accelerator = _prepared(tuned, spec)
     batch = {k: v.to(spec["device"]) for k, v in collate(pairs).items()}
 
     def step(b):
@@ -395,17 +394,12 @@ def _lmtune_dpo(spec: dict, model, tokenizer) -> dict:
 def _trl_dpo(spec: dict, model, tokenizer) -> dict:
     """PEFT LoRA through TRL's DPOTrainer (reference: the adapter switched off, each step), the same pairs."""
     from datasets import Dataset
-    from peft import get_peft_config
     from trl import DPOConfig, DPOTrainer
-
-    from lmtune.methods import get_method, parse_method_config
 
     pairs = _dpo_pairs(spec)
     tokens = sum(len(tokenizer(tokenizer.apply_chat_template(r["prompt"] + r[side], tokenize=False),
                                add_special_tokens=False)["input_ids"]) for r in pairs for side in ("chosen", "rejected"))
-    method = get_method("lora")
-    peft_cfg = get_peft_config({"peft_type": method.peft_type, "task_type": "CAUSAL_LM",
-                                **method.to_peft(parse_method_config(METHODS["lora"]), model)})
+    peft_cfg = _peft_config("lora", model)
     clock = _StepClock()
     with tempfile.TemporaryDirectory() as work:
         args = _trainer_args(spec, work, cls=DPOConfig, beta=0.1, max_length=None, dataset_num_proc=None,
@@ -566,9 +560,14 @@ def precision_rows(label: str, at: dict, names: list[str], fractions: list[float
     return lines
 
 
-def extra_rows(args, spec: dict) -> list[str]:
-    """The default model's rows against other peers: DPO vs TRL (`--dpo`), variable-length data (`--varlen`)."""
+def extra_rows(args, spec: dict, fractions: list[float]) -> list[str]:
+    """The default model's rows against other peers, fp32: TRL's SFTTrainer (`--trl`, rows labelled as the last of
+    `fractions`), TRL's DPOTrainer (`--dpo`), variable-length data (`--varlen`)."""
     lines = []
+    if args.trl:
+        fraction = fractions[-1]
+        c = compare({**spec, "method": "lora", "label_fraction": fraction}, "lmtune", "trl", args.repeats)
+        lines.append(table_row(f"lora, fp32, {fraction:.0%} labelled", "PEFT + TRL SFTTrainer", c, None))
     if args.dpo:
         lines.append("| **DPO, LoRA, fp32** (pairs of word salad) | | | | | | | | |")
         for cached, label in ((False, "reference forward each step"), (True, "reference log-probs cached")):
@@ -642,12 +641,7 @@ def main() -> None:
             for precision in precisions:
                 lines += precision_rows(label, {**spec, "model": model, "precision": precision}, names, fractions,
                                         args.repeats)
-            if args.trl and model == args.model:
-                c = compare({**spec, "model": model, "method": "lora", "label_fraction": fractions[-1]}, "lmtune",
-                            "trl", args.repeats)
-                lines.append(table_row(f"lora, fp32, {fractions[-1]:.0%} labelled", "PEFT + TRL SFTTrainer", c,
-                                       None))
-        lines += extra_rows(args, spec)
+        lines += extra_rows(args, spec, fractions)
     table = "\n".join(lines) + "\n"
     print(table)
     if args.out:
